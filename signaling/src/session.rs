@@ -1,0 +1,443 @@
+//! One WebSocket session: reads client frames in order, applies the contract's checks
+//! (size, rate, JSON, type, join state, fields), drives the participant's media through the
+//! `sfu` crate, and writes the room's events back. A separate writer task owns the socket's
+//! sending half; the session ends when the socket closes, the client leaves, the media plane
+//! ends the participant, or the server shuts down, and then nothing of it is left behind.
+
+use crate::protocol::{
+    self, ClientMessage, ClientMessageType, ErrorCode, IceCandidate, PcName, ProtocolError,
+    ServerMessage,
+};
+use crate::ratelimit::TokenBucket;
+use crate::AppState;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use sfu::{
+    CandidateInit, EndReason, JoinError, MediaError, MediaKind, Participant, ParticipantInfo,
+    PeerRole, RoomId, SfuEvent, TrackId, TrackInfo,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What the writer task sends.
+enum Outbound {
+    Message(ServerMessage),
+    Close(u16, &'static str),
+}
+
+/// Close codes (RFC 6455).
+const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
+/// Application code: the media connection was lost.
+const CLOSE_MEDIA_LOST: u16 = 4000;
+
+struct Joined {
+    participant: Participant,
+    room: RoomId,
+    events: mpsc::UnboundedReceiver<SfuEvent>,
+}
+
+enum Flow {
+    Continue,
+    Close(u16, &'static str),
+}
+
+/// Runs a session to its end.
+pub async fn run(socket: WebSocket, state: Arc<AppState>) {
+    let (mut sink, mut stream) = socket.split();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
+    let writer = tokio::spawn(async move {
+        while let Some(outbound) = out_rx.recv().await {
+            let result = match outbound {
+                Outbound::Message(message) => match serde_json::to_string(&message) {
+                    Ok(text) => sink.send(Message::Text(text.into())).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "unserializable message");
+                        continue;
+                    }
+                },
+                Outbound::Close(code, reason) => {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code,
+                            reason: Utf8Bytes::from_static(reason),
+                        })))
+                        .await;
+                    break;
+                }
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let mut session = Session {
+        state: Arc::clone(&state),
+        out: out_tx,
+        joined: None,
+        rate: TokenBucket::new(100, 20, Instant::now()),
+    };
+    let join_deadline =
+        tokio::time::Instant::now() + Duration::from_secs(state.config.join_timeout_secs);
+    let shutdown = state.shutdown.clone();
+
+    let close = loop {
+        let flow = tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(message)) => session.on_frame(message).await,
+                Some(Err(e)) => session.on_read_error(e),
+                None => break None,
+            },
+            event = next_event(&mut session.joined) => match event {
+                Some(event) => session.on_event(event),
+                None => Flow::Close(CLOSE_GOING_AWAY, "participant ended"),
+            },
+            _ = tokio::time::sleep_until(join_deadline), if session.joined.is_none() => {
+                session.send_error(ProtocolError::new(
+                    ErrorCode::BadRequest,
+                    "no join within the join timeout; send join first",
+                ));
+                Flow::Close(CLOSE_POLICY, "join timeout")
+            }
+            _ = shutdown.cancelled(), if session.joined.is_none() => {
+                Flow::Close(CLOSE_GOING_AWAY, "server shutting down")
+            }
+        };
+        if let Flow::Close(code, reason) = flow {
+            break Some((code, reason));
+        }
+    };
+
+    if let Some((code, reason)) = close {
+        let _ = session.out.send(Outbound::Close(code, reason));
+    }
+    if let Some(joined) = session.joined.take() {
+        joined.participant.leave().await;
+    }
+    drop(session);
+    let _ = writer.await;
+}
+
+async fn next_event(joined: &mut Option<Joined>) -> Option<SfuEvent> {
+    match joined {
+        Some(joined) => joined.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Session {
+    state: Arc<AppState>,
+    out: mpsc::UnboundedSender<Outbound>,
+    joined: Option<Joined>,
+    rate: TokenBucket,
+}
+
+impl Session {
+    fn send(&self, message: ServerMessage) {
+        let _ = self.out.send(Outbound::Message(message));
+    }
+
+    fn send_error(&self, error: ProtocolError) {
+        self.state
+            .signaling_errors
+            .with_label_values(&[error.code.as_str()])
+            .inc();
+        tracing::debug!(code = error.code.as_str(), message = %error.message, "signaling error");
+        self.send(error.to_message());
+    }
+
+    /// Sends the error, and closes the socket when the contract says so.
+    fn fail(&self, error: ProtocolError) -> Flow {
+        let code = error.code;
+        self.send_error(error);
+        match code {
+            ErrorCode::TooLarge => Flow::Close(CLOSE_TOO_BIG, "frame too large"),
+            c if c.closes_socket() => Flow::Close(CLOSE_POLICY, c.as_str()),
+            _ => Flow::Continue,
+        }
+    }
+
+    fn on_read_error(&self, error: axum::Error) -> Flow {
+        let text = error.to_string();
+        // tungstenite refuses frames over the configured size before reading them.
+        if text.contains("too long") || text.contains("Space limit") || text.contains("capacity")
+        {
+            return self.fail(ProtocolError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "frame larger than {} bytes; keep messages under the limit",
+                    self.state.config.max_frame_bytes
+                ),
+            ));
+        }
+        tracing::debug!(error = %text, "websocket read error");
+        Flow::Close(CLOSE_NORMAL, "read error")
+    }
+
+    async fn on_frame(&mut self, frame: Message) -> Flow {
+        let text = match frame {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                return self.fail(ProtocolError::new(
+                    ErrorCode::BadRequest,
+                    "binary frames are not accepted; send each JSON message as a text frame",
+                ));
+            }
+            Message::Close(_) => return Flow::Close(CLOSE_NORMAL, "bye"),
+            Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
+        };
+        if text.len() > self.state.config.max_frame_bytes {
+            return self.fail(ProtocolError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "frame of {} bytes is larger than the {}-byte limit",
+                    text.len(),
+                    self.state.config.max_frame_bytes
+                ),
+            ));
+        }
+        if !self.rate.try_take(Instant::now()) {
+            return self.fail(ProtocolError::new(
+                ErrorCode::RateLimited,
+                "more than 20 messages per second (bursts of 100); slow down",
+            ));
+        }
+        let envelope = match protocol::parse_envelope(&text) {
+            Ok(envelope) => envelope,
+            Err(e) => return self.fail(e),
+        };
+        match (envelope.kind, self.joined.is_some()) {
+            (ClientMessageType::Join, true) => {
+                return self.fail(ProtocolError::new(
+                    ErrorCode::AlreadyJoined,
+                    "already joined; join is sent once per connection",
+                ));
+            }
+            (kind, false) if kind != ClientMessageType::Join => {
+                return self.fail(ProtocolError::new(
+                    ErrorCode::NotJoined,
+                    "send join first; nothing else is accepted before it",
+                ));
+            }
+            _ => {}
+        }
+        match envelope.into_message() {
+            Ok(message) => self.on_message(message).await,
+            Err(e) => self.fail(e),
+        }
+    }
+
+    async fn on_message(&mut self, message: ClientMessage) -> Flow {
+        match message {
+            ClientMessage::Join { room, name, token } => self.join(room, name, token).await,
+            ClientMessage::Offer { sdp, .. } => {
+                let Some(joined) = &self.joined else {
+                    return Flow::Continue;
+                };
+                match joined.participant.publisher_offer(sdp).await {
+                    Ok(answer) => {
+                        self.send(ServerMessage::Answer {
+                            pc: PcName::Publisher,
+                            sdp: answer,
+                        });
+                        Flow::Continue
+                    }
+                    Err(e) => self.fail(media_error(e)),
+                }
+            }
+            ClientMessage::Answer { sdp, .. } => {
+                let Some(joined) = &self.joined else {
+                    return Flow::Continue;
+                };
+                match joined.participant.subscriber_answer(sdp).await {
+                    Ok(()) => Flow::Continue,
+                    Err(e) => self.fail(media_error(e)),
+                }
+            }
+            ClientMessage::Candidate { pc, candidate } => {
+                if let (Some(joined), Some(candidate)) = (&self.joined, candidate) {
+                    // An empty candidate line is the end of a generation: nothing to add.
+                    if !candidate.candidate.trim().is_empty() {
+                        joined
+                            .participant
+                            .add_candidate(peer_role(pc), candidate_init(candidate));
+                    }
+                }
+                Flow::Continue
+            }
+            ClientMessage::Mute { track_id, muted } => {
+                let Some(joined) = &self.joined else {
+                    return Flow::Continue;
+                };
+                match joined.participant.mute(TrackId::new(track_id), muted).await {
+                    Ok(()) => Flow::Continue,
+                    Err(e) => self.fail(ProtocolError::new(
+                        ErrorCode::BadRequest,
+                        format!("{e}; mute a track_id you received in track_published"),
+                    )),
+                }
+            }
+            ClientMessage::Chat { text } => {
+                if let Some(joined) = &self.joined {
+                    joined.participant.chat(text);
+                }
+                Flow::Continue
+            }
+            ClientMessage::SetQuality { .. } => Flow::Continue,
+            ClientMessage::Leave => Flow::Close(CLOSE_NORMAL, "left"),
+        }
+    }
+
+    async fn join(&mut self, room: String, name: String, _token: Option<String>) -> Flow {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let room_id = RoomId::new(room);
+        match self.state.sfu.join(&room_id, name, events_tx).await {
+            Ok(joined) => {
+                tracing::debug!(room = %room_id, participant = %joined.participant.id(), "session joined");
+                self.send(ServerMessage::Joined {
+                    participant_id: joined.participant.id().to_string(),
+                    room: room_id.to_string(),
+                    participants: joined.others.iter().map(participant_message).collect(),
+                    ice_servers: self.state.ice_servers.clone(),
+                });
+                self.joined = Some(Joined {
+                    participant: joined.participant,
+                    room: room_id,
+                    events,
+                });
+                Flow::Continue
+            }
+            Err(JoinError::RoomFull(max)) => self.fail(ProtocolError::new(
+                ErrorCode::RoomFull,
+                format!("room is full ({max} participants); try another room later"),
+            )),
+            Err(JoinError::Closed) => self.fail(ProtocolError::new(
+                ErrorCode::Internal,
+                "the room could not be joined; try again",
+            )),
+        }
+    }
+
+    fn on_event(&mut self, event: SfuEvent) -> Flow {
+        let message = match event {
+            SfuEvent::ParticipantJoined(info) => ServerMessage::ParticipantJoined {
+                participant: participant_message(&info),
+            },
+            SfuEvent::ParticipantLeft(id) => ServerMessage::ParticipantLeft {
+                participant_id: id.to_string(),
+            },
+            SfuEvent::TrackPublished {
+                participant_id,
+                track,
+                mid,
+            } => ServerMessage::TrackPublished {
+                participant_id: participant_id.to_string(),
+                track: protocol::Track {
+                    mid,
+                    ..track_message(&track)
+                },
+            },
+            SfuEvent::TrackUnpublished {
+                participant_id,
+                track_id,
+            } => ServerMessage::TrackUnpublished {
+                participant_id: participant_id.to_string(),
+                track_id: track_id.to_string(),
+            },
+            SfuEvent::TrackMuted {
+                participant_id,
+                track_id,
+                muted,
+            } => ServerMessage::TrackMuted {
+                participant_id: participant_id.to_string(),
+                track_id: track_id.to_string(),
+                muted,
+            },
+            SfuEvent::SubscriberOffer(sdp) => ServerMessage::Offer {
+                pc: PcName::Subscriber,
+                sdp,
+            },
+            SfuEvent::Chat {
+                participant_id,
+                name,
+                text,
+                ts,
+            } => ServerMessage::Chat {
+                participant_id: participant_id.to_string(),
+                name,
+                text,
+                ts,
+            },
+            SfuEvent::ActiveSpeakers(ids) => ServerMessage::ActiveSpeakers {
+                participant_ids: ids.iter().map(ToString::to_string).collect(),
+            },
+            SfuEvent::Ended(EndReason::ServerShutdown) => {
+                return Flow::Close(CLOSE_GOING_AWAY, "server shutting down");
+            }
+            SfuEvent::Ended(EndReason::MediaTimeout) => {
+                return Flow::Close(CLOSE_MEDIA_LOST, "media connection lost");
+            }
+        };
+        if let Some(joined) = &self.joined {
+            tracing::trace!(room = %joined.room, "event");
+        }
+        self.send(message);
+        Flow::Continue
+    }
+}
+
+fn media_error(error: MediaError) -> ProtocolError {
+    match error {
+        MediaError::InvalidSdp(message) => ProtocolError::new(ErrorCode::InvalidSdp, message),
+        MediaError::NoPendingOffer => ProtocolError::new(
+            ErrorCode::BadRequest,
+            "no subscriber offer is waiting for an answer; answer only the server's offers",
+        ),
+        MediaError::Internal(message) => {
+            ProtocolError::new(ErrorCode::Internal, format!("media setup failed: {message}"))
+        }
+        MediaError::Gone => ProtocolError::new(ErrorCode::Internal, "the participant has ended"),
+    }
+}
+
+fn peer_role(pc: PcName) -> PeerRole {
+    match pc {
+        PcName::Publisher => PeerRole::Publisher,
+        PcName::Subscriber => PeerRole::Subscriber,
+    }
+}
+
+fn candidate_init(c: IceCandidate) -> CandidateInit {
+    CandidateInit {
+        candidate: c.candidate,
+        sdp_mid: c.sdp_mid,
+        sdp_mline_index: c.sdp_mline_index,
+        username_fragment: c.username_fragment,
+    }
+}
+
+fn track_message(track: &TrackInfo) -> protocol::Track {
+    protocol::Track {
+        track_id: track.track_id.to_string(),
+        kind: match track.kind {
+            MediaKind::Audio => protocol::TrackKind::Audio,
+            MediaKind::Video => protocol::TrackKind::Video,
+        },
+        muted: track.muted,
+        simulcast: track.simulcast,
+        mid: None,
+    }
+}
+
+fn participant_message(info: &ParticipantInfo) -> protocol::Participant {
+    protocol::Participant {
+        participant_id: info.participant_id.to_string(),
+        name: info.name.clone(),
+        tracks: info.tracks.iter().map(track_message).collect(),
+    }
+}
