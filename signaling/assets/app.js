@@ -29,8 +29,6 @@ let audioBlocked = false;
 /** Error sentences shown to the user, newest last (for the test hook). */
 const shownErrors = [];
 
-boot();
-
 function boot() {
   const params = new URLSearchParams(window.location.search);
   token = params.get('token');
@@ -127,11 +125,15 @@ function scheduleRender() {
 function render() {
   renderQueued = false;
   if (!call) return;
-  lastSpecs = tileSpecs(call);
-  ui.grid.sync(lastSpecs);
-  ui.audio.sync(audioSinks(call));
-  renderStatus(call);
-  renderControls(call);
+  try {
+    lastSpecs = tileSpecs(call);
+    ui.grid.sync(lastSpecs);
+    ui.audio.sync(audioSinks(call));
+    renderStatus(call);
+    renderControls(call);
+  } catch (err) {
+    console.error('[app] render failed', err); // keep the page alive; the next change re-renders
+  }
 }
 
 /** What the grid should show: own camera, own screen, then each participant's tiles. */
@@ -148,7 +150,7 @@ function tileSpecs(current) {
       name: current.name,
       label: `${current.name} (you)`,
       videoTrack: media.camera,
-      hasVideo: Boolean(media.camera),
+      hasVideo: Boolean(media.camera) || !current.mediaReady, // 'starting camera…' meanwhile
       audioMuted: !media.mic || media.micMuted,
       videoMuted: Boolean(media.camera) && media.camMuted,
       speaking: speaker !== null && speaker === self,
@@ -545,3 +547,5 @@ function keepNewest(map, key, entry) {
   const recency = (e) => e.lastPacketReceivedTimestamp ?? 0;
   if (!previous || recency(entry) >= recency(previous)) map.set(key, entry);
 }
+
+boot();

@@ -114,6 +114,11 @@ function iceServersFrom(list) {
     }));
 }
 
+/** A Unix-milliseconds value that a Date can represent. */
+function isTimestamp(value) {
+  return Number.isFinite(value) && Math.abs(value) <= 8.64e15;
+}
+
 function isCandidateInit(value) {
   return value === null || (typeof value === 'object' && typeof value.candidate === 'string');
 }
@@ -148,6 +153,8 @@ export class Call extends EventTarget {
     this.chat = [];
     /** The current socket and its peer connections; replaced on every reconnect. */
     this.session = null;
+    /** True once the first attempt to open camera and microphone has finished. */
+    this.mediaReady = false;
     /** Consecutive connection attempts that did not reach `joined`, for the backoff. */
     this.attempt = 0;
     this.retryTimer = null;
@@ -205,14 +212,18 @@ export class Call extends EventTarget {
 
   // ---- lifecycle ----
 
+  /** Joins at once and opens camera and microphone meanwhile (the prompt may take a while). */
   async start() {
+    this.connect();
     const problem = await this.media.acquire();
     if (this.phase === 'ended') {
       this.media.stopAll(); // left while the permission prompt was open
       return;
     }
+    this.mediaReady = true;
     this.notice('media', problem, 'warn');
-    this.connect();
+    this.publish(this.session);
+    this.changed();
   }
 
   connect() {
@@ -344,7 +355,7 @@ export class Call extends EventTarget {
       onBindings: () => this.changed(),
       onError: (err) => this.toast(`Could not receive the others' media: ${err.message}`, 'error'),
     });
-    if (this.media.roles().length > 0) this.publish(session);
+    if (this.mediaReady) this.publish(session);
     this.changed();
   }
 
@@ -452,7 +463,7 @@ export class Call extends EventTarget {
       participant_id: participantId,
       name: typeof msg.name === 'string' ? msg.name : this.room.participants.get(participantId)?.name ?? '',
       text: msg.text,
-      ts: Number.isFinite(msg.ts) ? msg.ts : Date.now(),
+      ts: isTimestamp(msg.ts) ? msg.ts : Date.now(),
     };
     this.chat.push(message);
     if (this.chat.length > MAX_CHAT_HISTORY) this.chat.shift();
@@ -480,15 +491,18 @@ export class Call extends EventTarget {
 
   // ---- publishing ----
 
-  /** Creates the publisher (first time media is available) or adds what it lacks; renegotiates. */
+  /**
+   * Publishes local tracks that are not published yet: creates the publisher the first time
+   * there is something to send, adds the missing transceivers, renegotiates.
+   */
   publish(session) {
     if (!session?.joined) return;
-    if (!session.publisher) session.publisher = new Publisher(this.peerOptions(session, 'publisher'));
-    const publisher = session.publisher;
-    for (const role of this.media.roles()) {
-      if (publisher.transceiverFor(role)) continue;
+    const missing = this.media.roles().filter((role) => !session.publisher?.transceiverFor(role));
+    if (missing.length === 0) return;
+    session.publisher ??= new Publisher(this.peerOptions(session, 'publisher'));
+    for (const role of missing) {
       const stream = role === 'screen' ? this.media.screenStream : this.media.stream;
-      publisher.addRole(role, this.media[role], stream);
+      session.publisher.addRole(role, this.media[role], stream);
     }
     this.negotiate(session);
   }

@@ -114,11 +114,14 @@ export class LocalMedia {
 
   acquireSummary(failures) {
     if (this.mic && this.camera) return null;
-    const retry = 'Allow access (or plug the device in), then press its button below to try again.';
+    const denied = Object.values(failures).some((err) => err?.name === 'NotAllowedError' || err?.name === 'SecurityError');
+    const retry = denied
+      ? 'Allow access in the address bar, then press the camera or microphone button to try again.'
+      : 'Press the camera or microphone button to try again.';
     const why = (role) => describeMediaError(failures[role] ?? MISSING, LABEL[role]);
     if (!this.mic && !this.camera) {
       const reason = failures.mic?.name === failures.camera?.name
-        ? describeMediaError(failures.mic, 'camera and microphone')
+        ? describeMediaError(failures.mic ?? MISSING, 'camera and microphone')
         : `${why('camera')}. ${why('mic')}`;
       return `${reason}. You joined as a viewer: you can still watch, listen and chat. ${retry}`;
     }

@@ -27,7 +27,8 @@ export function hueOf(key) {
 }
 
 export function formatTime(ts) {
-  return new Date(ts).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  const date = new Date(ts);
+  return Number.isNaN(date.getTime()) ? '' : date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
 }
 
 const TRACK_EVENTS = ['mute', 'unmute', 'ended'];
@@ -66,7 +67,7 @@ class Tile {
     data.speaking = String(spec.speaking);
     if (this.name.textContent !== spec.label) this.name.textContent = spec.label;
     this.initials.textContent = initials(spec.name);
-    this.root.style.setProperty('--hue', String(hueOf(spec.participantId || spec.name)));
+    this.root.style.setProperty('--hue', String(hueOf(spec.local ? spec.name : spec.participantId)));
     this.root.setAttribute('aria-label', spec.label);
     this.setTrack(spec.videoTrack);
     this.refreshStatus();
@@ -223,11 +224,11 @@ export class ChatView {
 
   append(message, self) {
     const nearBottom = this.list.scrollHeight - this.list.scrollTop - this.list.clientHeight < 48;
-    const time = el('time', { datetime: new Date(message.ts).toISOString() }, formatTime(message.ts));
+    const time = el('time', {}, formatTime(message.ts));
     const item = el(
       'li',
       { class: 'chat-msg', 'data-self': String(self), 'data-participant-id': message.participant_id },
-      el('div', { class: 'chat-meta' }, el('span', { class: 'chat-name' }, self ? 'You' : message.name), time),
+      el('div', { class: 'chat-meta' }, el('span', { class: 'chat-name' }, message.name || 'Guest'), time),
       el('p', { class: 'chat-text' }, message.text),
     );
     this.list.append(item);
