@@ -1,1 +1,70 @@
-//! placeholder
+//! The headless client: a signaling client, synthetic media sources and a headless peer that
+//! joins a room like a browser does, publishes synthetic VP8/Opus and measures what it receives.
+//! Tests, load tools and the swarm build on it.
+
+#![warn(missing_docs)]
+
+pub mod media;
+pub mod peer;
+pub mod publish;
+pub mod rtc_setup;
+pub mod signal;
+pub mod stats;
+
+pub use media::{parse_probe, vp8_is_keyframe, AudioConfig, AudioSource, VideoConfig, VideoSource};
+pub use peer::{ChatLine, HeadlessPeer, ParticipantInfo, PeerConfig, RoomState};
+pub use signal::{Frame, SignalClient, SignalEvent};
+pub use signaling::protocol::TrackKind;
+pub use stats::{LatencyHistogram, PeerStats, SentStats, TrackKey, TrackStats};
+
+use signaling::protocol::ErrorCode;
+
+/// Everything that can go wrong in the client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The WebSocket failed.
+    #[error("websocket: {0}")]
+    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    /// A message could not be encoded or decoded.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// webrtc-rs refused an operation.
+    #[error("webrtc: {0}")]
+    WebRtc(#[from] webrtc::error::Error),
+    /// The server answered with a protocol `error`.
+    #[error("server error {}: {message}", code.as_str())]
+    Server {
+        /// The contract's code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The signaling socket closed.
+    #[error("the signaling socket closed (code {0:?})")]
+    Closed(Option<u16>),
+    /// Something did not happen in time; the text says what was awaited.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    /// The peer has left or its tasks have stopped.
+    #[error("the peer is no longer running")]
+    Stopped,
+}
+
+/// The client's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Microseconds since the UNIX epoch, the clock the media probes carry.
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// A random 64-bit value from the standard library's hasher keys (no `rand` dependency).
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(unix_micros());
+    hasher.finish()
+}

@@ -41,7 +41,7 @@ enum Command {
     },
     Bind {
         subscriber: ParticipantId,
-        binding: Binding,
+        binding: Box<Binding>,
     },
     RemoveSubscriber(ParticipantId),
     SetMuted(bool),
@@ -56,13 +56,15 @@ pub(crate) struct FanoutHandle {
 
 impl FanoutHandle {
     pub(crate) fn add_subscriber(&self, subscriber: ParticipantId, sink: DownTrackSink) {
-        let _ = self.commands.send(Command::AddSubscriber { subscriber, sink });
+        let _ = self
+            .commands
+            .send(Command::AddSubscriber { subscriber, sink });
     }
 
     pub(crate) fn bind(&self, subscriber: ParticipantId, binding: Binding) {
         let _ = self.commands.send(Command::Bind {
             subscriber,
-            binding,
+            binding: Box::new(binding),
         });
     }
 
@@ -158,7 +160,7 @@ impl Fanout {
                 binding,
             } => {
                 if let Some(s) = self.subscriptions.iter_mut().find(|s| s.id == subscriber) {
-                    s.binding = Some(binding);
+                    s.binding = Some(*binding);
                     s.forwarder.set_negotiated();
                     // A new subscriber's decoder needs a keyframe to start.
                     if s.forwarder.wants_keyframe() {

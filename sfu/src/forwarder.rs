@@ -213,8 +213,8 @@ impl Munger {
                     .last_out_at
                     .map(|at| now.saturating_duration_since(at))
                     .unwrap_or_default();
-                let ticks = (elapsed.as_micros() as u64 * self.clock_rate as u64 / 1_000_000)
-                    .max(1) as u32;
+                let ticks =
+                    (elapsed.as_micros() as u64 * self.clock_rate as u64 / 1_000_000).max(1) as u32;
                 self.ts_offset = ts.wrapping_sub(self.last_out_ts.wrapping_add(ticks));
             }
             self.rebase = false;
@@ -301,7 +301,10 @@ mod tests {
         );
         assert_eq!(forwarded(f.decide(&pkt(101, 3000, true), now)), (101, 3000));
         assert!(!f.wants_keyframe());
-        assert_eq!(forwarded(f.decide(&pkt(102, 3000, false), now)), (102, 3000));
+        assert_eq!(
+            forwarded(f.decide(&pkt(102, 3000, false), now)),
+            (102, 3000)
+        );
     }
 
     #[test]
@@ -323,9 +326,19 @@ mod tests {
             Decision::Drop(DropReason::AwaitingKeyframe)
         );
         let (seq, ts) = forwarded(f.decide(&pkt(501, 403_000, true), t1));
-        assert_eq!(seq, 12, "numbering continues right after the last forwarded packet");
-        assert_eq!(ts, 1000 + 90_000, "timeline advances by the wall time that passed");
-        assert_eq!(forwarded(f.decide(&pkt(502, 406_000, false), t1)), (13, 94_000));
+        assert_eq!(
+            seq, 12,
+            "numbering continues right after the last forwarded packet"
+        );
+        assert_eq!(
+            ts,
+            1000 + 90_000,
+            "timeline advances by the wall time that passed"
+        );
+        assert_eq!(
+            forwarded(f.decide(&pkt(502, 406_000, false), t1)),
+            (13, 94_000)
+        );
     }
 
     #[test]
@@ -334,7 +347,10 @@ mod tests {
         f.set_negotiated();
         let now = Instant::now();
         forwarded(f.decide(&pkt(65_534, u32::MAX - 959, false), now));
-        assert_eq!(forwarded(f.decide(&pkt(65_535, u32::MAX, false), now)).0, 65_535);
+        assert_eq!(
+            forwarded(f.decide(&pkt(65_535, u32::MAX, false), now)).0,
+            65_535
+        );
         assert_eq!(forwarded(f.decide(&pkt(0, 959, false), now)), (0, 959));
         assert_eq!(forwarded(f.decide(&pkt(1, 1919, false), now)).0, 1);
     }
@@ -358,7 +374,11 @@ mod tests {
         let now = Instant::now();
         forwarded(f.decide(&pkt(1, 0, false), now));
         forwarded(f.decide(&pkt(3, 0, false), now));
-        assert_eq!(forwarded(f.decide(&pkt(2, 0, false), now)).0, 2, "reordered");
+        assert_eq!(
+            forwarded(f.decide(&pkt(2, 0, false), now)).0,
+            2,
+            "reordered"
+        );
         assert_eq!(
             f.decide(&pkt(2, 0, false), now),
             Decision::Drop(DropReason::Stale),

@@ -35,8 +35,10 @@ impl Metrics {
             "sfu_received_packets_total",
             "RTP packets received from publishers",
         )?;
-        let received_bytes =
-            IntCounter::new("sfu_received_bytes_total", "RTP bytes received from publishers")?;
+        let received_bytes = IntCounter::new(
+            "sfu_received_bytes_total",
+            "RTP bytes received from publishers",
+        )?;
         let forwarded_packets = IntCounter::new(
             "sfu_forwarded_packets_total",
             "RTP packets sent to subscribers (one per packet per subscriber, retransmissions included)",
@@ -87,7 +89,10 @@ impl Metrics {
 
     /// The dropped-packet count for one reason.
     pub fn dropped_count(&self, reason: DropReason) -> u64 {
-        let index = DropReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        let index = DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
         self.dropped[index].get()
     }
 }

@@ -159,6 +159,8 @@ struct Connection {
     /// Candidates that arrived before the remote description.
     early_candidates: Vec<CandidateInit>,
     has_remote_description: bool,
+    /// DTLS is done: SRTP can protect what we write.
+    connected: bool,
     /// When the participant is removed unless this connection (re)connects.
     deadline: Option<Instant>,
 }
@@ -207,8 +209,24 @@ impl Connection {
 struct DownTrack {
     source: TrackSource,
     sender: Arc<dyn RtpSender>,
+    local: Arc<TrackLocalStaticRTP>,
     ssrc: u32,
-    rtcp_task: JoinHandle<()>,
+    state: DownTrackState,
+    /// Watches the subscriber's keyframe requests once bound (a track's events only flow then).
+    rtcp_task: Option<JoinHandle<()>>,
+}
+
+/// How far a down-track is on its way to carrying media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DownTrackState {
+    /// Added to the connection, in no offer yet.
+    Added,
+    /// In the outstanding offer.
+    Offered,
+    /// In an applied answer, waiting for the connection to be up (SRTP keys exist only then).
+    Negotiated,
+    /// The fan-out forwards to it.
+    Bound,
 }
 
 /// A track this participant publishes, once media arrived.
@@ -221,7 +239,9 @@ struct UpTrack {
 enum Negotiation {
     Stable,
     /// An offer is out; `again` records changes made since, to offer once it is answered.
-    AwaitingAnswer { again: bool },
+    AwaitingAnswer {
+        again: bool,
+    },
 }
 
 pub(crate) struct ParticipantTask {
@@ -328,7 +348,7 @@ impl ParticipantTask {
             }
             ParticipantCommand::Unsubscribe { track_id } => self.unsubscribe(&track_id).await,
             ParticipantCommand::RemoteTrack(track) => self.remote_track(track).await,
-            ParticipantCommand::PeerState { role, state } => self.peer_state(role, state),
+            ParticipantCommand::PeerState { role, state } => self.peer_state(role, state).await,
             ParticipantCommand::KeyframeRequest { track_id } => {
                 if let Some(down) = self.down_tracks.get(&track_id) {
                     down.source.fanout.request_keyframe();
@@ -379,6 +399,7 @@ impl ParticipantTask {
                 gathered,
                 early_candidates: Vec::new(),
                 has_remote_description: false,
+                connected: false,
                 deadline: Some(Instant::now() + self.timeouts.connect),
             });
         }
@@ -444,7 +465,7 @@ impl ParticipantTask {
             let Ok(Some(receiver)) = transceiver.receiver().await else {
                 continue;
             };
-            if Arc::ptr_eq(receiver.track(), &track) {
+            if std::ptr::addr_eq(Arc::as_ptr(receiver.track()), Arc::as_ptr(&track)) {
                 let mid = transceiver.mid().await.ok().flatten();
                 let extensions = receiver
                     .get_parameters()
@@ -482,10 +503,7 @@ impl ParticipantTask {
             codec.clock_rate,
             self.metrics.clone(),
         );
-        if let Some(old) = self.up_tracks.insert(
-            track_id.clone(),
-            UpTrack { task },
-        ) {
+        if let Some(old) = self.up_tracks.insert(track_id.clone(), UpTrack { task }) {
             old.task.abort();
         }
         tracing::info!(participant = %self.id, track = %track_id, codec = %codec.mime_type, "media arrived");
@@ -543,15 +561,10 @@ impl ParticipantTask {
             .add_track(Arc::clone(&local) as Arc<dyn TrackLocal>)
             .await
             .map_err(|e| MediaError::Internal(format!("add_track: {e}")))?;
-        let rtcp_task = tokio::spawn(watch_subscriber_feedback(
-            Arc::clone(&local),
-            track.track_id.clone(),
-            self.commands_tx.clone(),
-        ));
         source.fanout.add_subscriber(
             self.id.clone(),
             DownTrackSink {
-                track: local,
+                track: Arc::clone(&local),
                 writer,
             },
         );
@@ -560,8 +573,10 @@ impl ParticipantTask {
             DownTrack {
                 source,
                 sender,
+                local,
                 ssrc,
-                rtcp_task,
+                state: DownTrackState::Added,
+                rtcp_task: None,
             },
         );
         self.renegotiate().await;
@@ -573,7 +588,9 @@ impl ParticipantTask {
             return;
         };
         down.source.fanout.remove_subscriber(self.id.clone());
-        down.rtcp_task.abort();
+        if let Some(task) = down.rtcp_task {
+            task.abort();
+        }
         if let Some(subscriber) = &self.subscriber {
             if let Err(e) = subscriber.pc.remove_track(&down.sender).await {
                 tracing::debug!(error = %e, "remove_track failed");
@@ -612,6 +629,11 @@ impl ParticipantTask {
             .map_err(|e| MediaError::Internal(format!("set_local_description: {e}")))?;
         let sdp = connection.local_sdp().await?;
         self.negotiation = Negotiation::AwaitingAnswer { again: false };
+        for down in self.down_tracks.values_mut() {
+            if down.state == DownTrackState::Added {
+                down.state = DownTrackState::Offered;
+            }
+        }
         let _ = self.events.send(SfuEvent::SubscriberOffer(sdp));
         Ok(())
     }
@@ -641,6 +663,11 @@ impl ParticipantTask {
         }
         connection.remote_description_applied().await;
         self.negotiation = Negotiation::Stable;
+        for down in self.down_tracks.values_mut() {
+            if down.state == DownTrackState::Offered {
+                down.state = DownTrackState::Negotiated;
+            }
+        }
         self.bind_down_tracks().await;
         if again {
             self.renegotiate().await;
@@ -648,9 +675,17 @@ impl ParticipantTask {
         Ok(())
     }
 
-    /// Tells each fan-out what this subscriber negotiated, so its packets can flow.
+    /// Tells each fan-out what this subscriber negotiated, so its packets can flow: only once
+    /// the connection is up, because webrtc-rs silently drops what is written before SRTP
+    /// has keys (and a dropped keyframe means a frozen start).
     async fn bind_down_tracks(&mut self) {
-        for down in self.down_tracks.values() {
+        if !self.subscriber.as_ref().is_some_and(|c| c.connected) {
+            return;
+        }
+        for (track_id, down) in self.down_tracks.iter_mut() {
+            if down.state != DownTrackState::Negotiated {
+                continue;
+            }
             let Ok(parameters) = down.sender.get_parameters().await else {
                 continue;
             };
@@ -659,13 +694,17 @@ impl ParticipantTask {
             let codec = codecs
                 .iter()
                 .find(|c| {
-                    c.rtp_codec.mime_type.eq_ignore_ascii_case(&wanted.mime_type)
+                    c.rtp_codec
+                        .mime_type
+                        .eq_ignore_ascii_case(&wanted.mime_type)
                         && c.rtp_codec.sdp_fmtp_line == wanted.sdp_fmtp_line
                 })
                 .or_else(|| {
-                    codecs
-                        .iter()
-                        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&wanted.mime_type))
+                    codecs.iter().find(|c| {
+                        c.rtp_codec
+                            .mime_type
+                            .eq_ignore_ascii_case(&wanted.mime_type)
+                    })
                 });
             let Some(codec) = codec else {
                 tracing::warn!(participant = %self.id, codec = %wanted.mime_type, "subscriber did not accept the codec");
@@ -687,10 +726,16 @@ impl ParticipantTask {
                 &subscriber_extensions,
             );
             down.source.fanout.bind(self.id.clone(), binding);
+            down.state = DownTrackState::Bound;
+            down.rtcp_task = Some(tokio::spawn(watch_subscriber_feedback(
+                Arc::clone(&down.local),
+                track_id.clone(),
+                self.commands_tx.clone(),
+            )));
         }
     }
 
-    fn peer_state(&mut self, role: PeerRole, state: RTCPeerConnectionState) {
+    async fn peer_state(&mut self, role: PeerRole, state: RTCPeerConnectionState) {
         let lost_after = self.timeouts.ice_lost;
         let connection = match role {
             PeerRole::Publisher => self.publisher.as_mut(),
@@ -701,11 +746,17 @@ impl ParticipantTask {
         };
         tracing::debug!(participant = %self.id, ?role, %state, "connection state");
         match state {
-            RTCPeerConnectionState::Connected => connection.deadline = None,
-            RTCPeerConnectionState::Disconnected | RTCPeerConnectionState::Failed => {
-                if connection.deadline.is_none() {
-                    connection.deadline = Some(Instant::now() + lost_after);
+            RTCPeerConnectionState::Connected => {
+                connection.deadline = None;
+                connection.connected = true;
+                if role == PeerRole::Subscriber {
+                    self.bind_down_tracks().await;
                 }
+            }
+            RTCPeerConnectionState::Disconnected | RTCPeerConnectionState::Failed
+                if connection.deadline.is_none() =>
+            {
+                connection.deadline = Some(Instant::now() + lost_after);
             }
             _ => {}
         }
@@ -720,7 +771,9 @@ impl ParticipantTask {
         });
         for (_, down) in self.down_tracks.drain() {
             down.source.fanout.remove_subscriber(self.id.clone());
-            down.rtcp_task.abort();
+            if let Some(task) = down.rtcp_task {
+                task.abort();
+            }
         }
         for (_, up) in self.up_tracks.drain() {
             up.task.abort();

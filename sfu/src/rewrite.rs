@@ -99,8 +99,17 @@ mod tests {
         let binding = Binding::new(
             0xabcd,
             111,
-            [(1, AUDIO_LEVEL_URI), (3, "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01")],
-            &[(5, AUDIO_LEVEL_URI), (2, "urn:ietf:params:rtp-hdrext:sdes:mid")],
+            [
+                (1, AUDIO_LEVEL_URI),
+                (
+                    3,
+                    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01",
+                ),
+            ],
+            &[
+                (5, AUDIO_LEVEL_URI),
+                (2, "urn:ietf:params:rtp-hdrext:sdes:mid"),
+            ],
         );
         let source = Header {
             version: 2,

@@ -469,7 +469,12 @@ impl Room {
         }
     }
 
-    fn mute(&mut self, owner: &ParticipantId, track_id: &TrackId, muted: bool) -> Result<(), MuteError> {
+    fn mute(
+        &mut self,
+        owner: &ParticipantId,
+        track_id: &TrackId,
+        muted: bool,
+    ) -> Result<(), MuteError> {
         let track = self
             .tracks
             .get_mut(track_id)

@@ -89,7 +89,11 @@ mod tests {
         let sections = media_sections(sdp);
         assert_eq!(sections.len(), 5);
         let sending: Vec<_> = sections.iter().filter(|s| s.sends_media()).collect();
-        assert_eq!(sending.len(), 3, "audio, simulcast video and the data section");
+        assert_eq!(
+            sending.len(),
+            3,
+            "audio, simulcast video and the data section"
+        );
         assert_eq!(sending[0].kind, Some(MediaKind::Audio));
         assert!(sending[1].simulcast);
         assert_eq!(sending[1].mid.as_deref(), Some("1"));

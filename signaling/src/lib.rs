@@ -132,11 +132,13 @@ async fn websocket(State(state): State<Arc<AppState>>, upgrade: WebSocketUpgrade
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
-    let limit = state.config.max_frame_bytes;
+    // The socket reads frames up to 4× the limit so it can answer `too_large` and close
+    // cleanly; beyond that it refuses to buffer and drops the connection.
+    let read_limit = state.config.max_frame_bytes.saturating_mul(4).max(1 << 20);
     let tracker = state.sessions.clone();
     upgrade
-        .max_message_size(limit)
-        .max_frame_size(limit)
+        .max_message_size(read_limit)
+        .max_frame_size(read_limit)
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
                 session::run(socket, state).await;
@@ -150,11 +152,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     if let Err(e) = TextEncoder::new().encode(&state.registry.gather(), &mut body) {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 /// The call page's files, embedded at build time.

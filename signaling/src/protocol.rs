@@ -466,7 +466,10 @@ impl Envelope {
     pub fn into_message(self) -> Result<ClientMessage, ProtocolError> {
         let kind = self.kind;
         if kind == ClientMessageType::Candidate
-            && self.value.as_object().is_some_and(|o| !o.contains_key("candidate"))
+            && self
+                .value
+                .as_object()
+                .is_some_and(|o| !o.contains_key("candidate"))
         {
             return Err(ProtocolError::bad_request(
                 "candidate needs a \"candidate\" field: an RTCIceCandidateInit object, or null \
@@ -607,19 +610,27 @@ mod tests {
                 token: None
             }
         );
-        assert_eq!(code(r#"{"type":"join","room":"a b","name":"x"}"#), ErrorCode::BadRequest);
-        assert_eq!(code(r#"{"type":"join","room":"","name":"x"}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"type":"join","room":"a b","name":"x"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"type":"join","room":"","name":"x"}"#),
+            ErrorCode::BadRequest
+        );
         let long_room = "r".repeat(65);
         assert_eq!(
-            code(&format!(r#"{{"type":"join","room":"{long_room}","name":"x"}}"#)),
+            code(&format!(
+                r#"{{"type":"join","room":"{long_room}","name":"x"}}"#
+            )),
             ErrorCode::BadRequest
         );
         // 64 multi-byte characters are fine: lengths count characters, not bytes.
         let name = "é".repeat(64);
-        assert!(parse_client_message(&format!(
-            r#"{{"type":"join","room":"r","name":"{name}"}}"#
-        ))
-        .is_ok());
+        assert!(
+            parse_client_message(&format!(r#"{{"type":"join","room":"r","name":"{name}"}}"#))
+                .is_ok()
+        );
         let name = "é".repeat(65);
         assert_eq!(
             code(&format!(r#"{{"type":"join","room":"r","name":"{name}"}}"#)),
@@ -649,7 +660,10 @@ mod tests {
                 candidate: None
             }
         );
-        assert_eq!(code(r#"{"type":"candidate","pc":"subscriber"}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"type":"candidate","pc":"subscriber"}"#),
+            ErrorCode::BadRequest
+        );
         assert_eq!(
             code(r#"{"type":"candidate","pc":"sideways","candidate":null}"#),
             ErrorCode::BadRequest

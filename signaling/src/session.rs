@@ -115,6 +115,16 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>) {
 
     if let Some((code, reason)) = close {
         let _ = session.out.send(Outbound::Close(code, reason));
+        // Read until the client answers the close (or briefly), so that closing does not reset
+        // a connection with unread data and the client sees our error and close frame.
+        let drain = async {
+            while let Some(Ok(frame)) = stream.next().await {
+                if matches!(frame, Message::Close(_)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
     }
     if let Some(joined) = session.joined.take() {
         joined.participant.leave().await;
@@ -165,8 +175,7 @@ impl Session {
     fn on_read_error(&self, error: axum::Error) -> Flow {
         let text = error.to_string();
         // tungstenite refuses frames over the configured size before reading them.
-        if text.contains("too long") || text.contains("Space limit") || text.contains("capacity")
-        {
+        if text.contains("too long") || text.contains("Space limit") || text.contains("capacity") {
             return self.fail(ProtocolError::new(
                 ErrorCode::TooLarge,
                 format!(
@@ -398,9 +407,10 @@ fn media_error(error: MediaError) -> ProtocolError {
             ErrorCode::BadRequest,
             "no subscriber offer is waiting for an answer; answer only the server's offers",
         ),
-        MediaError::Internal(message) => {
-            ProtocolError::new(ErrorCode::Internal, format!("media setup failed: {message}"))
-        }
+        MediaError::Internal(message) => ProtocolError::new(
+            ErrorCode::Internal,
+            format!("media setup failed: {message}"),
+        ),
         MediaError::Gone => ProtocolError::new(ErrorCode::Internal, "the participant has ended"),
     }
 }

@@ -1,0 +1,77 @@
+//! Shared test helpers: an in-process server on 127.0.0.1 and metric reading.
+
+#![allow(dead_code)]
+
+use clap::Parser;
+use signaling::config::ServerConfig;
+use signaling::Server;
+use std::time::Duration;
+
+/// Generous for CI on 2 cores with debug builds; tests finish as soon as the condition holds.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("TEST_LOG").unwrap_or_else(|_| "warn,webrtc=error,rtc=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Starts a server on a free port, media on 127.0.0.1, with extra flags.
+pub async fn start_server(extra: &[&str]) -> Server {
+    init_tracing();
+    let mut args = vec![
+        "sfu-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--ice-ip",
+        "127.0.0.1",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(ServerConfig::parse_from(args))
+        .await
+        .expect("server starts")
+}
+
+pub fn ws_url(server: &Server) -> String {
+    format!("ws://{}/ws", server.addr)
+}
+
+/// Reads one series from `/metrics` over HTTP, as an operator would.
+pub async fn metric(server: &Server, series: &str) -> f64 {
+    let body = http_get(server, "/metrics").await;
+    body.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("series {series} not in /metrics"))
+}
+
+/// Waits until `series` reads `want`.
+pub async fn wait_metric(server: &Server, series: &str, want: f64) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if metric(server, series).await == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A bare HTTP/1.1 GET (no client library needed for three endpoints).
+pub async fn http_get(server: &Server, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        server.addr
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}

@@ -1,0 +1,343 @@
+//! Every error code of the contract that can be provoked, provoked over a real socket: the
+//! right code, a message that says what to do, the socket closed exactly when the contract
+//! says, and nothing left behind.
+
+mod common;
+
+use client::signal::Frame;
+use client::{HeadlessPeer, PeerConfig, SignalClient};
+use common::{metric, start_server, wait_metric, ws_url, WAIT};
+use signaling::protocol::{ClientMessage, ErrorCode, PcName, ServerMessage};
+use std::time::Duration;
+
+const SHORT: Duration = Duration::from_secs(5);
+
+async fn connect(url: &str) -> SignalClient {
+    SignalClient::connect(url).await.expect("websocket opens")
+}
+
+/// The next `error` the server sends (skipping other messages).
+async fn next_error(client: &SignalClient) -> (ErrorCode, String) {
+    loop {
+        match client.recv_timeout(SHORT).await {
+            Ok(Some(ServerMessage::Error { code, message })) => return (code, message),
+            Ok(Some(_)) => continue,
+            other => panic!("expected an error message, got {other:?}"),
+        }
+    }
+}
+
+async fn expect_error(client: &SignalClient, frame: &str, want: ErrorCode) {
+    client.send_raw(frame).await.unwrap();
+    let (code, message) = next_error(client).await;
+    assert_eq!(code, want, "for {frame:?}: {message}");
+    assert!(
+        message.len() > 10,
+        "the message explains what to fix: {message:?}"
+    );
+}
+
+async fn join(client: &SignalClient, room: &str, name: &str) -> String {
+    client
+        .send(&ClientMessage::Join {
+            room: room.into(),
+            name: name.into(),
+            token: None,
+        })
+        .await
+        .unwrap();
+    loop {
+        match client.recv_timeout(SHORT).await.unwrap() {
+            Some(ServerMessage::Joined { participant_id, .. }) => return participant_id,
+            Some(ServerMessage::Error { code, message }) => {
+                panic!("join failed: {code:?} {message}")
+            }
+            Some(_) => continue,
+            None => panic!("socket closed before joined"),
+        }
+    }
+}
+
+/// The socket is still usable: a chat comes back to the sender.
+async fn assert_usable(client: &SignalClient, text: &str) {
+    client
+        .send(&ClientMessage::Chat { text: text.into() })
+        .await
+        .unwrap();
+    loop {
+        match client.recv_timeout(SHORT).await.unwrap() {
+            Some(ServerMessage::Chat { text: got, .. }) if got == text => return,
+            Some(_) => continue,
+            None => panic!("socket closed"),
+        }
+    }
+}
+
+async fn assert_closed(client: &SignalClient) -> Option<u16> {
+    loop {
+        match client.recv_frame_timeout(SHORT).await {
+            Some(Frame::Closed { code, .. }) => return code,
+            Some(_) => continue,
+            None => panic!("socket was not closed"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_out_of_order_messages_get_their_codes_in_contract_order() {
+    let server = start_server(&[]).await;
+    let url = ws_url(&server);
+    let client = connect(&url).await;
+
+    expect_error(&client, "{not json", ErrorCode::BadJson).await;
+    expect_error(&client, "[1, 2, 3]", ErrorCode::BadRequest).await;
+    expect_error(&client, r#"{"room":"x"}"#, ErrorCode::BadRequest).await;
+    expect_error(&client, r#"{"type":"teleport"}"#, ErrorCode::UnknownType).await;
+    // Before joining, anything but join is not_joined — even with bad fields.
+    expect_error(
+        &client,
+        r#"{"type":"chat","text":"hi"}"#,
+        ErrorCode::NotJoined,
+    )
+    .await;
+    expect_error(&client, r#"{"type":"chat"}"#, ErrorCode::NotJoined).await;
+    expect_error(
+        &client,
+        r#"{"type":"join","room":"no spaces","name":"x"}"#,
+        ErrorCode::BadRequest,
+    )
+    .await;
+    expect_error(
+        &client,
+        r#"{"type":"join","room":"r"}"#,
+        ErrorCode::BadRequest,
+    )
+    .await;
+    client.send_binary(b"\x00\x01binary").await.unwrap();
+    assert_eq!(next_error(&client).await.0, ErrorCode::BadRequest);
+
+    join(&client, "errors", "eve").await;
+    expect_error(
+        &client,
+        r#"{"type":"join","room":"errors","name":"eve"}"#,
+        ErrorCode::AlreadyJoined,
+    )
+    .await;
+    expect_error(
+        &client,
+        r#"{"type":"chat","text":""}"#,
+        ErrorCode::BadRequest,
+    )
+    .await;
+    expect_error(
+        &client,
+        r#"{"type":"mute","track_id":"nope","muted":true}"#,
+        ErrorCode::BadRequest,
+    )
+    .await;
+    expect_error(
+        &client,
+        r#"{"type":"offer","pc":"subscriber","sdp":"v=0"}"#,
+        ErrorCode::BadRequest,
+    )
+    .await;
+    expect_error(
+        &client,
+        r#"{"type":"offer","pc":"publisher","sdp":"this is not sdp"}"#,
+        ErrorCode::InvalidSdp,
+    )
+    .await;
+    expect_error(
+        &client,
+        r#"{"type":"answer","pc":"subscriber","sdp":"v=0"}"#,
+        ErrorCode::BadRequest,
+    )
+    .await;
+    expect_error(
+        &client,
+        r#"{"type":"candidate","pc":"publisher"}"#,
+        ErrorCode::BadRequest,
+    )
+    .await;
+    // A candidate before any offer is buffered or dropped, never an error.
+    client
+        .send_raw(r#"{"type":"candidate","pc":"publisher","candidate":{"candidate":"candidate:1 1 udp 2122260223 127.0.0.1 40000 typ host","sdpMid":"0","sdpMLineIndex":0}}"#)
+        .await
+        .unwrap();
+    client
+        .send_raw(r#"{"type":"candidate","pc":"subscriber","candidate":null}"#)
+        .await
+        .unwrap();
+    // None of that closed the socket or disturbed it.
+    assert_usable(&client, "still here").await;
+    assert!(metric(&server, "sfu_signaling_errors_total{code=\"bad_json\"}").await >= 1.0);
+    assert!(metric(&server, "sfu_signaling_errors_total{code=\"invalid_sdp\"}").await >= 1.0);
+
+    client.close().await;
+    assert!(wait_metric(&server, "sfu_participants", 0.0).await);
+    assert!(wait_metric(&server, "sfu_rooms", 0.0).await);
+    server.shutdown(Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frame_is_too_large_and_closes() {
+    let server = start_server(&[]).await;
+    let client = connect(&ws_url(&server)).await;
+    let huge = format!(r#"{{"type":"chat","text":"{}"}}"#, "x".repeat(300 * 1024));
+    client.send_raw(&huge).await.unwrap();
+    assert_eq!(next_error(&client).await.0, ErrorCode::TooLarge);
+    assert_eq!(assert_closed(&client).await, Some(1009));
+    server.shutdown(Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_beyond_the_limit_are_rate_limited_and_the_socket_survives() {
+    let server = start_server(&[]).await;
+    let client = connect(&ws_url(&server)).await;
+    join(&client, "burst", "flood").await;
+    for i in 0..150 {
+        client
+            .send(&ClientMessage::Chat {
+                text: format!("spam {i}"),
+            })
+            .await
+            .unwrap();
+    }
+    let mut limited = 0;
+    let mut chats = 0;
+    while let Ok(Some(message)) = client.recv_timeout(Duration::from_millis(500)).await {
+        match message {
+            ServerMessage::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            } => limited += 1,
+            ServerMessage::Chat { .. } => chats += 1,
+            _ => {}
+        }
+    }
+    assert!(
+        limited >= 40,
+        "about 50 of 150 are over the burst (got {limited})"
+    );
+    assert!(
+        chats >= 99,
+        "the burst of 100 (join included) passes (got {chats})"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_usable(&client, "after the storm").await;
+    server.shutdown(Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_room_is_refused_and_closed() {
+    let server = start_server(&["--max-participants-per-room", "1"]).await;
+    let url = ws_url(&server);
+    let first = connect(&url).await;
+    join(&first, "tiny", "one").await;
+    let second = connect(&url).await;
+    expect_error(
+        &second,
+        r#"{"type":"join","room":"tiny","name":"two"}"#,
+        ErrorCode::RoomFull,
+    )
+    .await;
+    assert_eq!(assert_closed(&second).await, Some(1008));
+    // Another room is fine.
+    let third = connect(&url).await;
+    join(&third, "other", "three").await;
+    assert_eq!(metric(&server, "sfu_participants").await, 2.0);
+    server.shutdown(Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_subscriber_answer_is_invalid_sdp_then_a_fresh_offer_follows() {
+    let server = start_server(&[]).await;
+    let url = ws_url(&server);
+    let publisher = HeadlessPeer::join(PeerConfig::new(&url, "answers", "pub"))
+        .await
+        .unwrap();
+    assert!(publisher.wait_publishing(WAIT).await);
+    let client = connect(&url).await;
+    join(&client, "answers", "raw").await;
+    let first_offer = loop {
+        match client.recv_timeout(WAIT).await.unwrap() {
+            Some(ServerMessage::Offer {
+                pc: PcName::Subscriber,
+                sdp,
+            }) => break sdp,
+            Some(_) => continue,
+            None => panic!("closed"),
+        }
+    };
+    assert!(
+        first_offer.contains("a=msid:"),
+        "forwarded tracks carry msid"
+    );
+    assert!(first_offer.contains(&format!("msid:{} ", publisher.participant_id())));
+    expect_error(
+        &client,
+        r#"{"type":"answer","pc":"subscriber","sdp":"garbage"}"#,
+        ErrorCode::InvalidSdp,
+    )
+    .await;
+    let fresh = loop {
+        match client.recv_timeout(WAIT).await.unwrap() {
+            Some(ServerMessage::Offer {
+                pc: PcName::Subscriber,
+                sdp,
+            }) => break sdp,
+            Some(_) => continue,
+            None => panic!("closed"),
+        }
+    };
+    assert!(fresh.contains("a=msid:"));
+    server.shutdown(Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_setup_failure_is_internal_and_leaves_nothing_behind() {
+    // One media port: the second connection cannot get one.
+    let server = start_server(&["--udp-ports", "47811-47811"]).await;
+    let url = ws_url(&server);
+    let first = HeadlessPeer::join(PeerConfig::new(&url, "ports", "first"))
+        .await
+        .unwrap();
+    let second = HeadlessPeer::join(PeerConfig::new(&url, "ports", "second"))
+        .await
+        .unwrap();
+    let internal = |p: &HeadlessPeer| p.state().has_error(ErrorCode::Internal);
+    assert!(
+        second
+            .wait_for(WAIT, |s| s.has_error(ErrorCode::Internal))
+            .await
+            || internal(&first),
+        "one of two publishers could not get a port"
+    );
+    first.disconnect().await;
+    second.disconnect().await;
+    assert!(wait_metric(&server, "sfu_participants", 0.0).await);
+    assert!(wait_metric(&server, "sfu_published_tracks", 0.0).await);
+    assert!(wait_metric(&server, "sfu_rooms", 0.0).await);
+    server.shutdown(Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_vanishing_mid_handshake_leaves_nothing_behind() {
+    let server = start_server(&[]).await;
+    let url = ws_url(&server);
+    let watcher = HeadlessPeer::join(PeerConfig::new(&url, "vanish", "stays").watcher())
+        .await
+        .unwrap();
+    // Joins and offers, then drops the socket before media could flow.
+    let ghost = HeadlessPeer::join(PeerConfig::new(&url, "vanish", "ghost"))
+        .await
+        .unwrap();
+    let ghost_id = ghost.participant_id().to_owned();
+    ghost.disconnect().await;
+    assert!(watcher.wait_for(WAIT, |s| s.left.contains(&ghost_id)).await);
+    assert!(wait_metric(&server, "sfu_participants", 1.0).await);
+    assert!(wait_metric(&server, "sfu_published_tracks", 0.0).await);
+    watcher.leave().await.unwrap();
+    assert!(wait_metric(&server, "sfu_rooms", 0.0).await);
+    server.shutdown(Duration::from_secs(3)).await;
+}
