@@ -40,6 +40,59 @@ fn assert_clean_reception(me: &HeadlessPeer, who: &str) {
     }
 }
 
+/// The m-sections of the last subscriber offer `me` received: (direction or "port0", msid).
+fn last_offer_sections(me: &HeadlessPeer) -> Vec<(String, Option<String>)> {
+    let sdp = me
+        .events()
+        .into_iter()
+        .rev()
+        .find_map(|e| match e {
+            ServerMessage::Offer { sdp, .. } => Some(sdp),
+            _ => None,
+        })
+        .expect("a subscriber offer");
+    let mut sections: Vec<(String, Option<String>)> = Vec::new();
+    for line in sdp.lines() {
+        if let Some(m) = line.strip_prefix("m=") {
+            let port_zero = m.split_whitespace().nth(1) == Some("0");
+            sections.push((if port_zero { "port0" } else { "sendrecv" }.into(), None));
+        } else if let Some(last) = sections.last_mut() {
+            if let Some(msid) = line.strip_prefix("a=msid:") {
+                last.1 = Some(msid.trim().to_owned());
+            } else if ["a=sendonly", "a=recvonly", "a=inactive", "a=sendrecv"]
+                .contains(&line.trim())
+                && last.0 != "port0"
+            {
+                last.0 = line.trim()[2..].to_owned();
+            }
+        }
+    }
+    sections
+}
+
+/// Every forwarded track in the offer is `sendonly` with `a=msid` and per-SSRC msid lines.
+fn assert_offer_maps_streams(me: &HeadlessPeer, who: &str) {
+    let sdp = me
+        .events()
+        .into_iter()
+        .rev()
+        .find_map(|e| match e {
+            ServerMessage::Offer { sdp, .. } => Some(sdp),
+            _ => None,
+        })
+        .expect("a subscriber offer");
+    for (direction, msid) in last_offer_sections(me) {
+        if direction == "sendonly" {
+            let msid = msid.unwrap_or_else(|| panic!("{who}: a sending m-section without msid"));
+            assert!(
+                sdp.lines()
+                    .any(|l| l.starts_with("a=ssrc:") && l.ends_with(&format!("msid:{msid}"))),
+                "{who}: no a=ssrc line with msid:{msid}"
+            );
+        }
+    }
+}
+
 fn packets_from(me: &HeadlessPeer, publisher: &str) -> u64 {
     me.stats()
         .from_publisher(publisher)
@@ -77,6 +130,12 @@ async fn three_way_call_then_one_leaves() {
     }
     for (name, me) in peers {
         assert_clean_reception(me, name);
+        assert_offer_maps_streams(me, name);
+        let sending = last_offer_sections(me)
+            .into_iter()
+            .filter(|(d, _)| d == "sendonly")
+            .count();
+        assert_eq!(sending, 4, "{name}'s offer sends 4 tracks");
     }
     assert_eq!(metric(&server, "sfu_rooms").await, 1.0);
     assert_eq!(metric(&server, "sfu_participants").await, 3.0);
@@ -116,6 +175,40 @@ async fn three_way_call_then_one_leaves() {
                 && s.subscriber_answers == s.subscriber_offers)
                 .await,
             "{name} got no renegotiation after carol left"
+        );
+    }
+    for (name, me) in [("alice", &alice), ("bob", &bob)] {
+        // Changes may arrive in more than one offer; wait for the one that settles them.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while last_offer_sections(me)
+            .iter()
+            .filter(|(d, _)| d == "sendonly")
+            .count()
+            != 2
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let sections = last_offer_sections(me);
+        let sending: Vec<_> = sections.iter().filter(|(d, _)| d == "sendonly").collect();
+        assert_eq!(
+            sending.len(),
+            2,
+            "{name}'s new offer sends only the remaining 2 tracks"
+        );
+        assert!(
+            sending
+                .iter()
+                .all(|(_, msid)| !msid.as_deref().unwrap_or("").starts_with(&carol_id)),
+            "{name}'s offer still sends carol's tracks"
+        );
+        let stopped = sections
+            .iter()
+            .filter(|(d, _)| d == "inactive" || d == "port0")
+            .count();
+        assert_eq!(
+            stopped, 2,
+            "{name}: carol's m-sections are inactive: {sections:?}"
         );
     }
     let (a_from_b, b_from_a) = (

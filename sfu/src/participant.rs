@@ -19,6 +19,7 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
+use rtc::rtp_transceiver::RTCRtpTransceiverDirection;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +33,7 @@ use webrtc::peer_connection::{
     PeerConnection, PeerConnectionEventHandler, RTCIceCandidateInit, RTCIceGatheringState,
     RTCPeerConnectionState,
 };
-use webrtc::rtp_transceiver::RtpSender;
+use webrtc::rtp_transceiver::{RtpSender, RtpTransceiver};
 
 /// An ICE candidate from the client, W3C `RTCIceCandidateInit` fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,6 +210,8 @@ impl Connection {
 struct DownTrack {
     source: TrackSource,
     sender: Arc<dyn RtpSender>,
+    /// Set `inactive` when the track goes, so the next offer says so.
+    transceiver: Option<Arc<dyn RtpTransceiver>>,
     local: Arc<TrackLocalStaticRTP>,
     ssrc: u32,
     state: DownTrackState,
@@ -256,6 +259,8 @@ pub(crate) struct ParticipantTask {
     publisher: Option<Connection>,
     subscriber: Option<Connection>,
     negotiation: Negotiation,
+    /// Changes wait for an offer until the command queue is drained.
+    offer_pending: bool,
     /// mid → track id of what this participant publishes.
     published: HashMap<String, TrackId>,
     up_tracks: HashMap<TrackId, UpTrack>,
@@ -284,6 +289,7 @@ impl ParticipantTask {
             publisher: None,
             subscriber: None,
             negotiation: Negotiation::Stable,
+            offer_pending: false,
             published: HashMap::new(),
             up_tracks: HashMap::new(),
             down_tracks: HashMap::new(),
@@ -304,7 +310,12 @@ impl ParticipantTask {
             match command {
                 Some(ParticipantCommand::End(reason)) => break reason,
                 None => break None,
-                Some(command) => self.handle(command).await,
+                Some(command) => {
+                    self.handle(command).await;
+                    if commands.is_empty() {
+                        self.send_pending_offer().await;
+                    }
+                }
             }
         };
         self.close(end_reason).await;
@@ -561,6 +572,17 @@ impl ParticipantTask {
             .add_track(Arc::clone(&local) as Arc<dyn TrackLocal>)
             .await
             .map_err(|e| MediaError::Internal(format!("add_track: {e}")))?;
+        // The SFU only sends here: `sendonly` (add_track would leave it `sendrecv`).
+        let mut transceiver = None;
+        for t in connection.pc.get_transceivers().await {
+            if matches!(t.sender().await, Ok(Some(s)) if s.id() == sender.id()) {
+                if let Err(e) = t.set_direction(RTCRtpTransceiverDirection::Sendonly).await {
+                    tracing::debug!(error = %e, "set_direction(sendonly) failed");
+                }
+                transceiver = Some(t);
+                break;
+            }
+        }
         source.fanout.add_subscriber(
             self.id.clone(),
             DownTrackSink {
@@ -573,6 +595,7 @@ impl ParticipantTask {
             DownTrack {
                 source,
                 sender,
+                transceiver,
                 local,
                 ssrc,
                 state: DownTrackState::Added,
@@ -595,21 +618,35 @@ impl ParticipantTask {
             if let Err(e) = subscriber.pc.remove_track(&down.sender).await {
                 tracing::debug!(error = %e, "remove_track failed");
             }
+            if let Some(t) = &down.transceiver {
+                if let Err(e) = t.set_direction(RTCRtpTransceiverDirection::Inactive).await {
+                    tracing::debug!(error = %e, "set_direction(inactive) failed");
+                }
+            }
         }
         self.renegotiate().await;
     }
 
     /// Offers now, or after the outstanding offer is answered.
+    /// Marks the subscriber connection as needing an offer; the run loop sends it once no
+    /// more commands are queued, so a burst of changes (a participant leaving with two
+    /// tracks, a newcomer receiving ten) makes one offer.
     async fn renegotiate(&mut self) {
         match self.negotiation {
             Negotiation::AwaitingAnswer { .. } => {
                 self.negotiation = Negotiation::AwaitingAnswer { again: true };
             }
-            Negotiation::Stable => {
-                if let Err(e) = self.send_offer().await {
-                    tracing::warn!(participant = %self.id, error = %e, "subscriber offer failed");
-                }
-            }
+            Negotiation::Stable => self.offer_pending = true,
+        }
+    }
+
+    async fn send_pending_offer(&mut self) {
+        if !self.offer_pending || self.negotiation != Negotiation::Stable {
+            return;
+        }
+        self.offer_pending = false;
+        if let Err(e) = self.send_offer().await {
+            tracing::warn!(participant = %self.id, error = %e, "subscriber offer failed");
         }
     }
 
