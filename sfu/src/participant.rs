@@ -790,7 +790,10 @@ impl ParticipantTask {
                     self.bind_down_tracks().await;
                 }
             }
-            RTCPeerConnectionState::Disconnected | RTCPeerConnectionState::Failed
+            // Closed here means the remote end closed DTLS; we close ours only when ending.
+            RTCPeerConnectionState::Disconnected
+            | RTCPeerConnectionState::Failed
+            | RTCPeerConnectionState::Closed
                 if connection.deadline.is_none() =>
             {
                 connection.deadline = Some(Instant::now() + lost_after);

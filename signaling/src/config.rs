@@ -53,6 +53,14 @@ pub struct ServerConfig {
     #[arg(long, env = "SFU_JOIN_TIMEOUT_SECS", default_value_t = 10)]
     pub join_timeout_secs: u64,
 
+    /// Seconds a participant's ICE may stay failed or disconnected before it is removed.
+    #[arg(long, env = "SFU_ICE_LOST_TIMEOUT_SECS", default_value_t = 15)]
+    pub ice_lost_timeout_secs: u64,
+
+    /// Seconds a new peer connection may take to connect before its participant is removed.
+    #[arg(long, env = "SFU_ICE_CONNECT_TIMEOUT_SECS", default_value_t = 30)]
+    pub ice_connect_timeout_secs: u64,
+
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "SFU_LOG", default_value = "info,webrtc=warn,rtc=warn")]
     pub log: String,

@@ -74,7 +74,10 @@ impl AppState {
                     max_participants: config.max_participants_per_room,
                     max_tracks_per_participant: config.max_tracks_per_participant,
                 },
-                timeouts: ConnectionTimeouts::default(),
+                timeouts: ConnectionTimeouts {
+                    ice_lost: Duration::from_secs(config.ice_lost_timeout_secs),
+                    connect: Duration::from_secs(config.ice_connect_timeout_secs),
+                },
             },
             metrics,
         );
