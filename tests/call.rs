@@ -355,3 +355,60 @@ async fn chat_reaches_everyone_including_the_sender() {
     }
     server.shutdown(Duration::from_secs(3)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_speakers_follow_audio_levels_loudest_first() {
+    let server = start_server(&[]).await;
+    let url = ws_url(&server);
+    let alice = join(&url, "talk", "alice").await;
+    let bob = join(&url, "talk", "bob").await;
+    let watcher = join_watcher(&url, "talk", "watcher").await;
+    assert!(alice.wait_publishing(WAIT).await && bob.wait_publishing(WAIT).await);
+    let (alice_id, bob_id) = (
+        alice.participant_id().to_owned(),
+        bob.participant_id().to_owned(),
+    );
+    // Silence (127 −dBov, the client's default) makes no speaker.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(watcher.state().active_speaker_updates, 0);
+
+    alice.set_audio_level(Some(25));
+    for me in [&alice, &bob, &watcher] {
+        assert!(
+            me.wait_for(WAIT, |s| s.active_speakers == vec![alice_id.clone()])
+                .await,
+            "alice speaking was not announced: {:?}",
+            me.state().active_speakers
+        );
+    }
+    bob.set_audio_level(Some(10));
+    assert!(
+        watcher
+            .wait_for(WAIT, |s| s.active_speakers
+                == vec![bob_id.clone(), alice_id.clone()])
+            .await,
+        "loudest first: {:?}",
+        watcher.state().active_speakers
+    );
+    alice.set_audio_level(Some(127));
+    assert!(
+        watcher
+            .wait_for(WAIT, |s| s.active_speakers == vec![bob_id.clone()])
+            .await
+    );
+    // A muted microphone is not a speaker.
+    assert!(bob.mute_kind(TrackKind::Audio, true).unwrap());
+    assert!(
+        watcher
+            .wait_for(WAIT, |s| s.active_speakers.is_empty())
+            .await
+    );
+    let updates = watcher.state().active_speaker_updates;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        watcher.state().active_speaker_updates,
+        updates,
+        "sent only on change"
+    );
+    server.shutdown(Duration::from_secs(3)).await;
+}

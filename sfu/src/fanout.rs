@@ -1,16 +1,19 @@
-//! One published track's fan-out: a task that owns the incoming track and, for each
-//! subscriber, its forwarder and binding. Packets are decided and rewritten here without locks
-//! (the task owns all of it; changes arrive as commands), then handed to each subscriber's
-//! writer queue without waiting, so a slow subscriber loses its own packets and never stalls
-//! the others.
+//! One published track's fan-out: a task that owns the incoming track (all its simulcast
+//! layers) and, for each subscriber, its layer choice, forwarder and binding. Packets are
+//! decided and rewritten here without locks (the task owns all of it; changes arrive as
+//! commands), then handed to each subscriber's writer queue without waiting, so a slow
+//! subscriber loses its own packets and never stalls the others. Audio tracks also report
+//! their level for active-speaker detection.
 
 use crate::codec::Codec;
 use crate::forwarder::{Decision, DropReason, Forwarder, PacketMeta};
 use crate::ids::ParticipantId;
 use crate::metrics::Metrics;
 use crate::rewrite::Binding;
+use crate::simulcast::{self, Layer, LayerSelector, LayerVerdict, Quality};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -19,8 +22,12 @@ use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
-/// At most one keyframe request per track per this interval, however many subscribers ask.
+/// At most one keyframe request per layer per this interval, however many subscribers ask.
 pub(crate) const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+/// How often subscribers' layer choices are revisited (layers come and go, bitrates move).
+const RESELECT_INTERVAL: Duration = Duration::from_millis(250);
+/// How often an audio track reports its level.
+const LEVEL_REPORT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A packet on its way to one subscriber's connection.
 pub(crate) struct WriteJob {
@@ -34,6 +41,9 @@ pub(crate) struct DownTrackSink {
     pub(crate) writer: mpsc::Sender<WriteJob>,
 }
 
+/// Receives an audio track's average level (−dBov) every report interval.
+pub(crate) type LevelReporter = Box<dyn Fn(f32) + Send + Sync>;
+
 enum Command {
     AddSubscriber {
         subscriber: ParticipantId,
@@ -45,7 +55,15 @@ enum Command {
     },
     RemoveSubscriber(ParticipantId),
     SetMuted(bool),
-    RequestKeyframe,
+    RequestKeyframe(ParticipantId),
+    SetQuality {
+        subscriber: ParticipantId,
+        quality: Quality,
+    },
+    SetBudget {
+        subscriber: ParticipantId,
+        budget_bps: Option<u64>,
+    },
 }
 
 /// Commands to a running fan-out; the task stops when every handle is dropped.
@@ -76,19 +94,55 @@ impl FanoutHandle {
         let _ = self.commands.send(Command::SetMuted(muted));
     }
 
-    pub(crate) fn request_keyframe(&self) {
-        let _ = self.commands.send(Command::RequestKeyframe);
+    /// A subscriber's decoder needs a keyframe of the layer it receives.
+    pub(crate) fn request_keyframe(&self, subscriber: ParticipantId) {
+        let _ = self.commands.send(Command::RequestKeyframe(subscriber));
+    }
+
+    pub(crate) fn set_quality(&self, subscriber: ParticipantId, quality: Quality) {
+        let _ = self.commands.send(Command::SetQuality {
+            subscriber,
+            quality,
+        });
+    }
+
+    pub(crate) fn set_budget(&self, subscriber: ParticipantId, budget_bps: Option<u64>) {
+        let _ = self.commands.send(Command::SetBudget {
+            subscriber,
+            budget_bps,
+        });
     }
 }
 
 /// The negotiated extensions of the publisher's receiver, `(id, uri)`.
 pub(crate) type ExtensionMap = Vec<(u16, String)>;
 
+/// What the fan-out needs to know about the incoming track.
+pub(crate) struct TrackSpec {
+    pub(crate) codec: Codec,
+    pub(crate) clock_rate: u32,
+    /// The publisher's id for the RFC 6464 audio level extension, for audio tracks.
+    pub(crate) audio_level_id: Option<u8>,
+    pub(crate) level_reporter: Option<LevelReporter>,
+}
+
 struct Subscription {
     id: ParticipantId,
     sink: DownTrackSink,
     forwarder: Forwarder,
     binding: Option<Binding>,
+    selector: LayerSelector,
+    quality: Quality,
+    budget_bps: Option<u64>,
+}
+
+/// Accumulates audio levels between reports.
+struct LevelMeter {
+    extension_id: u8,
+    sum: u32,
+    count: u32,
+    next_report: Instant,
+    reporter: LevelReporter,
 }
 
 struct Fanout {
@@ -98,27 +152,41 @@ struct Fanout {
     metrics: Metrics,
     subscriptions: Vec<Subscription>,
     muted: bool,
-    media_ssrc: Option<u32>,
-    last_keyframe_request: Option<Instant>,
+    layers: Vec<Layer>,
+    last_keyframe_request: HashMap<u32, Instant>,
+    next_reselect: Instant,
+    levels: Option<LevelMeter>,
 }
 
 /// Starts the fan-out of `track`.
 pub(crate) fn spawn(
     track: Arc<dyn TrackRemote>,
-    codec: Codec,
-    clock_rate: u32,
+    spec: TrackSpec,
     metrics: Metrics,
 ) -> (FanoutHandle, JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let now = Instant::now();
+    let levels = match (spec.audio_level_id, spec.level_reporter) {
+        (Some(extension_id), Some(reporter)) => Some(LevelMeter {
+            extension_id,
+            sum: 0,
+            count: 0,
+            next_report: now + LEVEL_REPORT_INTERVAL,
+            reporter,
+        }),
+        _ => None,
+    };
     let fanout = Fanout {
         track,
-        codec,
-        clock_rate,
+        codec: spec.codec,
+        clock_rate: spec.clock_rate,
         metrics,
         subscriptions: Vec::new(),
         muted: false,
-        media_ssrc: None,
-        last_keyframe_request: None,
+        layers: Vec::new(),
+        last_keyframe_request: HashMap::new(),
+        next_reselect: now,
+        levels,
     };
     let task = tokio::spawn(fanout.run(rx));
     (FanoutHandle { commands: tx }, task)
@@ -135,6 +203,10 @@ impl Fanout {
                 },
                 event = track.poll() => match event {
                     Some(TrackRemoteEvent::OnRtpPacket(packet)) => self.forward(packet).await,
+                    Some(TrackRemoteEvent::OnOpen(init)) => {
+                        self.layer_mut(init.ssrc, init.rid.clone());
+                        self.next_reselect = Instant::now();
+                    }
                     Some(TrackRemoteEvent::OnEnded) | None => break,
                     Some(_) => {}
                 },
@@ -143,6 +215,7 @@ impl Fanout {
     }
 
     async fn handle(&mut self, command: Command) {
+        let now = Instant::now();
         match command {
             Command::AddSubscriber { subscriber, sink } => {
                 self.subscriptions.retain(|s| s.id != subscriber);
@@ -153,7 +226,11 @@ impl Fanout {
                     sink,
                     forwarder,
                     binding: None,
+                    selector: LayerSelector::default(),
+                    quality: Quality::default(),
+                    budget_bps: None,
                 });
+                self.next_reselect = now;
             }
             Command::Bind {
                 subscriber,
@@ -162,11 +239,10 @@ impl Fanout {
                 if let Some(s) = self.subscriptions.iter_mut().find(|s| s.id == subscriber) {
                     s.binding = Some(*binding);
                     s.forwarder.set_negotiated();
-                    // A new subscriber's decoder needs a keyframe to start.
-                    if s.forwarder.wants_keyframe() {
-                        self.request_keyframe(Instant::now()).await;
-                    }
                 }
+                // A new subscriber's decoder needs a keyframe to start.
+                self.reselect(now);
+                self.request_wanted_keyframes(now).await;
             }
             Command::RemoveSubscriber(subscriber) => {
                 self.subscriptions.retain(|s| s.id != subscriber);
@@ -176,65 +252,190 @@ impl Fanout {
                 for s in &mut self.subscriptions {
                     s.forwarder.set_muted(muted);
                 }
-                if !muted && self.codec.needs_keyframe() {
-                    self.request_keyframe(Instant::now()).await;
+                if !muted {
+                    self.request_wanted_keyframes(now).await;
                 }
             }
-            Command::RequestKeyframe => self.request_keyframe(Instant::now()).await,
+            Command::RequestKeyframe(subscriber) => {
+                let ssrc = self
+                    .subscriptions
+                    .iter()
+                    .find(|s| s.id == subscriber)
+                    .and_then(|s| s.selector.current().or(s.selector.pending()));
+                if let Some(ssrc) = ssrc {
+                    self.request_keyframe(ssrc, now).await;
+                }
+            }
+            Command::SetQuality {
+                subscriber,
+                quality,
+            } => {
+                if let Some(s) = self.subscriptions.iter_mut().find(|s| s.id == subscriber) {
+                    s.quality = quality;
+                }
+                self.reselect(now);
+                self.request_wanted_keyframes(now).await;
+            }
+            Command::SetBudget {
+                subscriber,
+                budget_bps,
+            } => {
+                if let Some(s) = self.subscriptions.iter_mut().find(|s| s.id == subscriber) {
+                    s.budget_bps = budget_bps;
+                }
+                self.reselect(now);
+            }
+        }
+    }
+
+    fn layer_mut(&mut self, ssrc: u32, rid: Option<String>) -> &mut Layer {
+        let index = match self.layers.iter().position(|l| l.ssrc == ssrc) {
+            Some(index) => index,
+            None => {
+                self.layers.push(Layer::new(ssrc, rid));
+                self.layers.len() - 1
+            }
+        };
+        &mut self.layers[index]
+    }
+
+    /// Points every subscriber at the layer its quality and budget call for.
+    fn reselect(&mut self, now: Instant) {
+        self.next_reselect = now + RESELECT_INTERVAL;
+        let ranked = simulcast::ranked(&self.layers, now);
+        for s in &mut self.subscriptions {
+            s.selector
+                .set_target(simulcast::choose(&ranked, s.quality, s.budget_bps));
         }
     }
 
     async fn forward(&mut self, packet: rtp::Packet) {
-        self.media_ssrc = Some(packet.header.ssrc);
+        let now = Instant::now();
+        let ssrc = packet.header.ssrc;
+        let needs_keyframe = self.codec.needs_keyframe();
+        let keyframe_start = needs_keyframe && self.codec.is_keyframe_start(&packet.payload);
+        let new_layer = !self.layers.iter().any(|l| l.ssrc == ssrc);
+        let layer = self.layer_mut(ssrc, None);
+        layer.on_packet(packet.payload.len(), now);
+        if keyframe_start && self.codec == Codec::Vp8 {
+            if let Some(size) = simulcast::vp8_keyframe_size(&packet.payload) {
+                self.layer_mut(ssrc, None).resolution = Some(size);
+            }
+        }
+        if new_layer || now >= self.next_reselect {
+            self.reselect(now);
+        }
+        self.meter_level(&packet, now);
+
         let meta = PacketMeta {
             seq: packet.header.sequence_number,
             timestamp: packet.header.timestamp,
-            keyframe_start: self.codec.needs_keyframe()
-                && self.codec.is_keyframe_start(&packet.payload),
+            keyframe_start,
         };
-        let now = Instant::now();
         let mut wants_keyframe = false;
         for s in &mut self.subscriptions {
-            match s.forwarder.decide(&meta, now) {
-                Decision::Forward { seq, timestamp } => {
-                    let Some(binding) = &s.binding else {
-                        self.metrics.dropped(DropReason::NotNegotiated);
-                        continue;
+            match s.selector.on_packet(ssrc, keyframe_start, needs_keyframe) {
+                LayerVerdict::Drop => {
+                    let reason = if Some(ssrc) == s.selector.pending() {
+                        DropReason::AwaitingKeyframe
+                    } else {
+                        DropReason::LayerNotSelected
                     };
-                    let job = WriteJob {
-                        track: Arc::clone(&s.sink.track),
-                        packet: rtp::Packet {
-                            header: binding.rewrite(&packet.header, seq, timestamp),
-                            payload: packet.payload.clone(),
-                        },
-                    };
-                    if s.sink.writer.try_send(job).is_err() {
-                        self.metrics.dropped(DropReason::SubscriberCongested);
+                    self.metrics.dropped(reason);
+                }
+                LayerVerdict::Forward { switched } => {
+                    if switched {
+                        s.forwarder.switch_source();
+                    }
+                    match s.forwarder.decide(&meta, now) {
+                        Decision::Forward { seq, timestamp } => {
+                            let Some(binding) = &s.binding else {
+                                self.metrics.dropped(DropReason::NotNegotiated);
+                                continue;
+                            };
+                            let job = WriteJob {
+                                track: Arc::clone(&s.sink.track),
+                                packet: rtp::Packet {
+                                    header: binding.rewrite(&packet.header, seq, timestamp),
+                                    payload: packet.payload.clone(),
+                                },
+                            };
+                            if s.sink.writer.try_send(job).is_err() {
+                                self.metrics.dropped(DropReason::SubscriberCongested);
+                            }
+                        }
+                        Decision::Drop(reason) => self.metrics.dropped(reason),
                     }
                 }
-                Decision::Drop(reason) => self.metrics.dropped(reason),
             }
-            wants_keyframe |= s.forwarder.wants_keyframe();
+            wants_keyframe |= s.forwarder.wants_keyframe() || s.selector.pending().is_some();
         }
         if wants_keyframe {
-            self.request_keyframe(now).await;
+            self.request_wanted_keyframes(now).await;
         }
     }
 
-    async fn request_keyframe(&mut self, now: Instant) {
+    fn meter_level(&mut self, packet: &rtp::Packet, now: Instant) {
+        let Some(meter) = &mut self.levels else {
+            return;
+        };
+        if let Some(level) = packet
+            .header
+            .extensions
+            .iter()
+            .find(|e| e.id == meter.extension_id)
+            .and_then(|e| e.payload.first())
+        {
+            meter.sum += u32::from(level & 0x7f);
+            meter.count += 1;
+        }
+        if now >= meter.next_report {
+            meter.next_report = now + LEVEL_REPORT_INTERVAL;
+            if meter.count > 0 && !self.muted {
+                (meter.reporter)(meter.sum as f32 / meter.count as f32);
+            }
+            meter.sum = 0;
+            meter.count = 0;
+        }
+    }
+
+    /// Asks for a keyframe of every layer some subscriber is waiting on.
+    async fn request_wanted_keyframes(&mut self, now: Instant) {
         if !self.codec.needs_keyframe() || self.muted {
             return;
         }
-        let Some(media_ssrc) = self.media_ssrc else {
+        let mut wanted: Vec<u32> = self
+            .subscriptions
+            .iter()
+            .filter(|s| s.binding.is_some())
+            .filter_map(|s| {
+                s.selector.pending().or_else(|| {
+                    s.forwarder
+                        .wants_keyframe()
+                        .then(|| s.selector.current())
+                        .flatten()
+                })
+            })
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        for ssrc in wanted {
+            self.request_keyframe(ssrc, now).await;
+        }
+    }
+
+    async fn request_keyframe(&mut self, media_ssrc: u32, now: Instant) {
+        if !self.codec.needs_keyframe() {
             return;
-        };
+        }
         if self
             .last_keyframe_request
-            .is_some_and(|at| now.duration_since(at) < KEYFRAME_REQUEST_INTERVAL)
+            .get(&media_ssrc)
+            .is_some_and(|at| now.duration_since(*at) < KEYFRAME_REQUEST_INTERVAL)
         {
             return;
         }
-        self.last_keyframe_request = Some(now);
+        self.last_keyframe_request.insert(media_ssrc, now);
         let pli = PictureLossIndication {
             sender_ssrc: 0,
             media_ssrc,

@@ -123,6 +123,12 @@ impl Forwarder {
         }
     }
 
+    /// The packets now come from another source (a simulcast layer switch, or a publisher that
+    /// restarted with a new SSRC): the numbering continues from the last forwarded packet.
+    pub fn switch_source(&mut self) {
+        self.munger.pause();
+    }
+
     /// Whether this subscriber is blocked on a keyframe the publisher should be asked for.
     pub fn wants_keyframe(&self) -> bool {
         self.negotiated && !self.muted && self.awaiting_keyframe

@@ -10,6 +10,8 @@ pub mod forwarder;
 pub mod ids;
 pub mod metrics;
 pub mod rewrite;
+pub mod simulcast;
+pub mod speakers;
 pub mod transport;
 
 mod participant;
@@ -21,6 +23,7 @@ pub use ids::{ParticipantId, RoomId, TrackId};
 pub use metrics::Metrics;
 pub use participant::{CandidateInit, ConnectionTimeouts, MediaError};
 pub use room::{JoinError, MuteError, RoomLimits};
+pub use simulcast::Quality;
 pub use transport::{MediaConfig, PeerRole};
 
 use participant::{ParticipantCommand, ParticipantTask};
@@ -40,6 +43,9 @@ pub struct SfuConfig {
     pub limits: RoomLimits,
     /// Connection timing rules.
     pub timeouts: ConnectionTimeouts,
+    /// Rooms that may exist at once; a join that would open one more is refused with
+    /// [`JoinError::TooManyRooms`].
+    pub max_rooms: usize,
 }
 
 /// The media plane: create one per process and share it.
@@ -71,7 +77,7 @@ impl Sfu {
         let mint = Arc::new(ids::IdMint::new());
         Self {
             inner: Arc::new(SfuInner {
-                rooms: LocalRooms::new(mint, metrics.clone(), config.limits),
+                rooms: LocalRooms::new(mint, metrics.clone(), config.limits, config.max_rooms),
                 factory: Arc::new(PeerFactory::new(config.media, metrics.clone())),
                 metrics,
                 timeouts: config.timeouts,
@@ -107,7 +113,7 @@ impl Sfu {
                 participant: commands_tx.clone(),
                 reply,
             },
-        );
+        )?;
         let reply = joined.await.map_err(|_| JoinError::Closed)??;
         let id = reply.participant_id;
         let task = ParticipantTask::new(
@@ -223,6 +229,17 @@ impl Participant {
             return Err(unknown);
         }
         done.await.map_err(|_| unknown)?
+    }
+
+    /// Sets the highest simulcast layer this participant wants of a track it receives.
+    pub async fn set_quality(&self, track_id: TrackId, quality: Quality) -> Result<(), MediaError> {
+        let (reply, done) = oneshot::channel();
+        self.send(ParticipantCommand::SetQuality {
+            track_id,
+            quality,
+            reply,
+        })?;
+        done.await.map_err(|_| MediaError::Gone)?
     }
 
     /// Sends a chat line to the room.

@@ -11,11 +11,13 @@ use crate::metrics::Metrics;
 use crate::rewrite::Binding;
 use crate::room::{MuteError, PublishedSection, RoomCommand, RoomHandle, TrackSource};
 use crate::sdp;
-use crate::transport::{BuiltPeer, PeerFactory, PeerRole, PortLease};
+use crate::simulcast::Quality;
+use crate::transport::{BuiltPeer, PeerFactory, PeerRole, PortLease, AUDIO_LEVEL_URI};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -63,6 +65,9 @@ pub enum MediaError {
     /// The participant already left.
     #[error("the participant has left")]
     Gone,
+    /// No such track is forwarded to this participant.
+    #[error("no track {0} is forwarded to you")]
+    UnknownTrack(String),
 }
 
 /// Timing rules for a participant's connections.
@@ -111,6 +116,15 @@ pub(crate) enum ParticipantCommand {
     },
     KeyframeRequest {
         track_id: TrackId,
+    },
+    SetQuality {
+        track_id: TrackId,
+        quality: Quality,
+        reply: oneshot::Sender<Result<(), MediaError>>,
+    },
+    /// The subscriber's receiver estimated its downlink (REMB).
+    Bandwidth {
+        bps: u64,
     },
     Mute {
         track_id: TrackId,
@@ -214,6 +228,9 @@ struct DownTrack {
     transceiver: Option<Arc<dyn RtpTransceiver>>,
     local: Arc<TrackLocalStaticRTP>,
     ssrc: u32,
+    kind: MediaKind,
+    /// The last bandwidth share sent to the fan-out, to send only real changes.
+    budget_bps: Option<u64>,
     state: DownTrackState,
     /// Watches the subscriber's keyframe requests once bound (a track's events only flow then).
     rtcp_task: Option<JoinHandle<()>>,
@@ -362,9 +379,24 @@ impl ParticipantTask {
             ParticipantCommand::PeerState { role, state } => self.peer_state(role, state).await,
             ParticipantCommand::KeyframeRequest { track_id } => {
                 if let Some(down) = self.down_tracks.get(&track_id) {
-                    down.source.fanout.request_keyframe();
+                    down.source.fanout.request_keyframe(self.id.clone());
                 }
             }
+            ParticipantCommand::SetQuality {
+                track_id,
+                quality,
+                reply,
+            } => {
+                let result = match self.down_tracks.get(&track_id) {
+                    Some(down) => {
+                        down.source.fanout.set_quality(self.id.clone(), quality);
+                        Ok(())
+                    }
+                    None => Err(MediaError::UnknownTrack(track_id.to_string())),
+                };
+                let _ = reply.send(result);
+            }
+            ParticipantCommand::Bandwidth { bps } => self.share_bandwidth(bps),
             ParticipantCommand::Mute {
                 track_id,
                 muted,
@@ -478,7 +510,7 @@ impl ParticipantTask {
             };
             if std::ptr::addr_eq(Arc::as_ptr(receiver.track()), Arc::as_ptr(&track)) {
                 let mid = transceiver.mid().await.ok().flatten();
-                let extensions = receiver
+                let extensions: fanout::ExtensionMap = receiver
                     .get_parameters()
                     .await
                     .map(|p| {
@@ -508,10 +540,29 @@ impl ParticipantTask {
             tracing::warn!(participant = %self.id, %mid, "incoming track without a codec");
             return;
         };
+        let codec_kind = Codec::from_mime(&codec.mime_type);
+        let audio_level_id = publisher_extensions
+            .iter()
+            .find(|(_, uri)| uri == AUDIO_LEVEL_URI)
+            .and_then(|(id, _)| u8::try_from(*id).ok());
+        let level_reporter: Option<fanout::LevelReporter> = audio_level_id.map(|_| {
+            let room = self.room.clone();
+            let participant_id = self.id.clone();
+            Box::new(move |level: f32| {
+                room.send(RoomCommand::AudioLevel {
+                    participant_id: participant_id.clone(),
+                    level,
+                });
+            }) as fanout::LevelReporter
+        });
         let (fanout, task) = fanout::spawn(
             track,
-            Codec::from_mime(&codec.mime_type),
-            codec.clock_rate,
+            fanout::TrackSpec {
+                codec: codec_kind,
+                clock_rate: codec.clock_rate,
+                audio_level_id,
+                level_reporter,
+            },
             self.metrics.clone(),
         );
         if let Some(old) = self.up_tracks.insert(track_id.clone(), UpTrack { task }) {
@@ -598,6 +649,8 @@ impl ParticipantTask {
                 transceiver,
                 local,
                 ssrc,
+                kind: track.kind,
+                budget_bps: None,
                 state: DownTrackState::Added,
                 rtcp_task: None,
             },
@@ -772,6 +825,40 @@ impl ParticipantTask {
         }
     }
 
+    /// Splits the subscriber's estimated downlink among its video tracks (audio is small and
+    /// always forwarded), so each simulcast track picks the best layer that fits its share.
+    fn share_bandwidth(&mut self, bps: u64) {
+        let audio = self
+            .down_tracks
+            .values()
+            .filter(|d| d.kind == MediaKind::Audio)
+            .count() as u64;
+        let video = self
+            .down_tracks
+            .values()
+            .filter(|d| d.kind == MediaKind::Video)
+            .count() as u64;
+        if video == 0 {
+            return;
+        }
+        const AUDIO_BPS: u64 = 64_000;
+        const MIN_SHARE_BPS: u64 = 50_000;
+        let share = (bps.saturating_sub(audio * AUDIO_BPS) / video).max(MIN_SHARE_BPS);
+        for down in self.down_tracks.values_mut() {
+            if down.kind != MediaKind::Video {
+                continue;
+            }
+            // Estimates wobble; only a change of more than a tenth moves layers.
+            let changed = down
+                .budget_bps
+                .is_none_or(|old| old.abs_diff(share) * 10 > old);
+            if changed {
+                down.budget_bps = Some(share);
+                down.source.fanout.set_budget(self.id.clone(), Some(share));
+            }
+        }
+    }
+
     async fn peer_state(&mut self, role: PeerRole, state: RTCPeerConnectionState) {
         let lost_after = self.timeouts.ice_lost;
         let connection = match role {
@@ -838,7 +925,8 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Turns a subscriber's keyframe requests (PLI/FIR) into requests to the publisher.
+/// Turns a subscriber's keyframe requests (PLI/FIR) into requests to the publisher, and its
+/// bandwidth estimates (REMB) into layer budgets.
 async fn watch_subscriber_feedback(
     track: Arc<TrackLocalStaticRTP>,
     track_id: TrackId,
@@ -852,6 +940,14 @@ async fn watch_subscriber_feedback(
             let any = p.as_any();
             any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
         });
+        let estimate = packets.iter().find_map(|p| {
+            p.as_any()
+                .downcast_ref::<ReceiverEstimatedMaximumBitrate>()
+                .map(|remb| remb.bitrate as u64)
+        });
+        if let Some(bps) = estimate {
+            let _ = commands.send(ParticipantCommand::Bandwidth { bps });
+        }
         if asks_keyframe
             && commands
                 .send(ParticipantCommand::KeyframeRequest {

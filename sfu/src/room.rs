@@ -8,10 +8,11 @@ use crate::fanout::FanoutHandle;
 use crate::ids::{IdMint, ParticipantId, RoomId, TrackId};
 use crate::metrics::Metrics;
 use crate::participant::ParticipantCommand;
+use crate::speakers::SpeakerDetector;
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 /// Limits a room enforces.
@@ -54,6 +55,9 @@ pub enum JoinError {
     /// The room is at its participant limit.
     #[error("room is full ({0} participants)")]
     RoomFull(usize),
+    /// Joining would open a room beyond the server's room limit.
+    #[error("the server has its maximum of {0} rooms open")]
+    TooManyRooms(usize),
     /// The room is shutting down or failed.
     #[error("room is closed")]
     Closed,
@@ -110,6 +114,11 @@ pub(crate) enum RoomCommand {
         participant_id: ParticipantId,
         text: String,
     },
+    /// An audio track's average level (−dBov) over the last report period.
+    AudioLevel {
+        participant_id: ParticipantId,
+        level: f32,
+    },
 }
 
 /// Sends commands to a room task.
@@ -128,8 +137,9 @@ impl RoomHandle {
 /// directory shared by several nodes implements the same two calls.
 pub(crate) trait RoomRegistry: Send + Sync {
     /// Hands `command` to the room named `room`, creating the room if needed, and returns
-    /// the room's handle for the sender's later commands.
-    fn dispatch(&self, room: &RoomId, command: RoomCommand) -> RoomHandle;
+    /// the room's handle for the sender's later commands. Refuses (and drops `command`) when
+    /// the room does not exist and the registry already holds its maximum of rooms.
+    fn dispatch(&self, room: &RoomId, command: RoomCommand) -> Result<RoomHandle, JoinError>;
     /// How many rooms exist.
     fn len(&self) -> usize;
 }
@@ -140,24 +150,36 @@ pub(crate) struct LocalRooms {
     mint: Arc<IdMint>,
     metrics: Metrics,
     limits: RoomLimits,
+    /// Rooms that may exist at once: each costs a task and memory before anyone publishes.
+    max_rooms: usize,
 }
 
 impl LocalRooms {
-    pub(crate) fn new(mint: Arc<IdMint>, metrics: Metrics, limits: RoomLimits) -> Self {
+    pub(crate) fn new(
+        mint: Arc<IdMint>,
+        metrics: Metrics,
+        limits: RoomLimits,
+        max_rooms: usize,
+    ) -> Self {
         Self {
             rooms: Arc::default(),
             mint,
             metrics,
             limits,
+            max_rooms,
         }
     }
 }
 
 impl RoomRegistry for LocalRooms {
-    fn dispatch(&self, room: &RoomId, command: RoomCommand) -> RoomHandle {
+    fn dispatch(&self, room: &RoomId, command: RoomCommand) -> Result<RoomHandle, JoinError> {
         // Sending under the registry lock is what makes room removal race-free: a room only
-        // removes itself while holding this lock and after checking its queue is empty.
+        // removes itself while holding this lock and after checking its queue is empty. The
+        // same lock makes the room limit exact under concurrent joins.
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        if !rooms.contains_key(room) && rooms.len() >= self.max_rooms {
+            return Err(JoinError::TooManyRooms(self.max_rooms));
+        }
         let handle = rooms.entry(room.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             let state = Room {
@@ -168,13 +190,14 @@ impl RoomRegistry for LocalRooms {
                 metrics: self.metrics.clone(),
                 limits: self.limits,
                 registry: Arc::clone(&self.rooms),
+                speakers: SpeakerDetector::default(),
             };
             self.metrics.rooms.inc();
             tokio::spawn(state.run(rx));
             RoomHandle { commands: tx }
         });
         handle.send(command);
-        handle.clone()
+        Ok(handle.clone())
     }
 
     fn len(&self) -> usize {
@@ -207,9 +230,19 @@ struct Room {
     metrics: Metrics,
     limits: RoomLimits,
     registry: Arc<Mutex<HashMap<RoomId, RoomHandle>>>,
+    speakers: SpeakerDetector,
 }
 
 impl Room {
+    fn announce_speakers(&mut self) {
+        if let Some(speakers) = self.speakers.poll(Instant::now()) {
+            let event = SfuEvent::ActiveSpeakers(speakers);
+            for m in &self.members {
+                let _ = m.events.send(event.clone());
+            }
+        }
+    }
+
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<RoomCommand>) {
         loop {
             let Some(command) = commands.recv().await else {
@@ -268,6 +301,15 @@ impl Room {
                 participant_id,
                 text,
             } => self.chat(&participant_id, text),
+            RoomCommand::AudioLevel {
+                participant_id,
+                level,
+            } => {
+                if self.members.iter().any(|m| m.id == participant_id) {
+                    self.speakers.report(&participant_id, level, Instant::now());
+                    self.announce_speakers();
+                }
+            }
         }
     }
 
@@ -346,6 +388,8 @@ impl Room {
         }
         self.metrics.participants.dec();
         self.broadcast_except(id, &SfuEvent::ParticipantLeft(id.clone()));
+        self.speakers.remove(id);
+        self.announce_speakers();
         tracing::info!(room = %self.id, participant = %id, "left");
     }
 
@@ -487,6 +531,7 @@ impl Room {
         if let Some(source) = &track.source {
             source.fanout.set_muted(muted);
         }
+        let silenced = muted && track.info.kind == MediaKind::Audio;
         self.broadcast_except(
             owner,
             &SfuEvent::TrackMuted {
@@ -495,6 +540,10 @@ impl Room {
                 muted,
             },
         );
+        if silenced {
+            self.speakers.remove(owner);
+            self.announce_speakers();
+        }
         Ok(())
     }
 

@@ -13,6 +13,7 @@ use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
@@ -121,7 +122,13 @@ impl PeerFactory {
     ) -> Result<Arc<dyn PeerConnection>, TransportError> {
         let setup = |e: rtc::shared::error::Error| TransportError::Setup(e.to_string());
         let mut media_engine = MediaEngine::default();
-        media_engine.register_default_codecs().map_err(setup)?;
+        match role {
+            PeerRole::Subscriber => media_engine.register_default_codecs().map_err(setup)?,
+            // Without RTX, browsers repair simulcast layers on their media SSRC; webrtc-rs
+            // drops RTX of simulcast layers (no repaired-rid support), so they would never be
+            // repaired at all.
+            PeerRole::Publisher => register_codecs_without_rtx(&mut media_engine).map_err(setup)?,
+        }
         media_engine
             .register_header_extension(
                 RTCRtpHeaderExtensionCapability {
@@ -167,6 +174,92 @@ impl PeerFactory {
             .map_err(setup)?;
         Ok(Arc::new(pc))
     }
+}
+
+/// The default codec set (same payload types and parameters as webrtc-rs's defaults, so a
+/// publisher's codec is always one the subscriber side knows), without RTX.
+fn register_codecs_without_rtx(media_engine: &mut MediaEngine) -> rtc::shared::error::Result<()> {
+    use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters};
+    let audio: [(&str, u32, u16, &str, u8); 4] = [
+        ("audio/opus", 48_000, 2, "minptime=10;useinbandfec=1", 111),
+        ("audio/G722", 8_000, 0, "", 9),
+        ("audio/PCMU", 8_000, 0, "", 0),
+        ("audio/PCMA", 8_000, 0, "", 8),
+    ];
+    for (mime, clock_rate, channels, fmtp, payload_type) in audio {
+        media_engine.register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec {
+                    mime_type: mime.to_owned(),
+                    clock_rate,
+                    channels,
+                    sdp_fmtp_line: fmtp.to_owned(),
+                    rtcp_feedback: vec![],
+                },
+                payload_type,
+            },
+            RtpCodecKind::Audio,
+        )?;
+    }
+    let feedback: Vec<RTCPFeedback> = [
+        ("goog-remb", ""),
+        ("ccm", "fir"),
+        ("nack", ""),
+        ("nack", "pli"),
+    ]
+    .into_iter()
+    .map(|(typ, parameter)| RTCPFeedback {
+        typ: typ.to_owned(),
+        parameter: parameter.to_owned(),
+    })
+    .collect();
+    let video: [(&str, &str, u8); 9] = [
+        ("video/VP8", "", 96),
+        ("video/VP9", "profile-id=0", 98),
+        ("video/VP9", "profile-id=1", 100),
+        (
+            "video/H264",
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f",
+            102,
+        ),
+        (
+            "video/H264",
+            "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=42001f",
+            127,
+        ),
+        (
+            "video/H264",
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+            125,
+        ),
+        (
+            "video/H264",
+            "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=42e01f",
+            108,
+        ),
+        (
+            "video/H264",
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=640032",
+            123,
+        ),
+        ("video/AV1", "profile-id=0", 41),
+    ];
+    for (mime, fmtp, payload_type) in video {
+        media_engine.register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec {
+                    mime_type: mime.to_owned(),
+                    clock_rate: 90_000,
+                    channels: 0,
+                    sdp_fmtp_line: fmtp.to_owned(),
+                    rtcp_feedback: feedback.clone(),
+                },
+                payload_type,
+            },
+            RtpCodecKind::Video,
+        )?;
+    }
+    Ok(())
 }
 
 fn interceptors(
@@ -221,16 +314,20 @@ fn interceptors(
 
 /// An interceptor between the pacer and the NACK responder: it counts RTP in and out (so
 /// retransmissions count as forwarded, as the metrics contract says), and it marks keyframe
-/// requests for delivery to the application, which webrtc-rs otherwise keeps to itself.
+/// requests and REMB for delivery to the application, which webrtc-rs otherwise keeps to
+/// itself.
 struct SfuTap {
     metrics: Metrics,
     read_queue: VecDeque<TaggedPacket>,
     write_queue: VecDeque<TaggedPacket>,
 }
 
-fn is_keyframe_request(packet: &dyn rtc::rtcp::Packet) -> bool {
+/// RTCP the application acts on: keyframe requests, and subscribers' bandwidth estimates.
+fn is_for_application(packet: &dyn rtc::rtcp::Packet) -> bool {
     let any = packet.as_any();
-    any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+    any.is::<PictureLossIndication>()
+        || any.is::<FullIntraRequest>()
+        || any.is::<ReceiverEstimatedMaximumBitrate>()
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for SfuTap {
@@ -248,7 +345,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SfuTap {
                     .received_bytes
                     .inc_by((rtp.header.marshal_size() + rtp.payload.len()) as u64);
             }
-            Packet::Rtcp(packets) if packets.iter().any(|p| is_keyframe_request(p.as_ref())) => {
+            Packet::Rtcp(packets) if packets.iter().any(|p| is_for_application(p.as_ref())) => {
                 msg.message.add(Attribute::DeliverToApplication);
             }
             _ => {}

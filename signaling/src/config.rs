@@ -1,7 +1,56 @@
-//! The `sfu-server` command line; every flag also reads an environment variable.
+//! The `sfu-server` command line: the server's flags ([`ServerConfig`], every one also read
+//! from an environment variable) and the `token` subcommand that mints join tokens ([`Cli`]).
 
-use clap::Parser;
+use crate::auth::Secret;
+use clap::{Args, Parser, Subcommand};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+/// A WebRTC SFU: browsers and headless clients call in over a WebSocket; everyone's audio
+/// and video is forwarded to everyone else in the room. With no subcommand it serves;
+/// `sfu-server token` prints a join token.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sfu-server", version)]
+pub struct Cli {
+    /// What to do instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The server's flags (also accepted before a subcommand).
+    #[command(flatten)]
+    pub server: ServerConfig,
+}
+
+/// Subcommands of `sfu-server`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Prints a join token signed with the auth secret (`--auth-secret` or SFU_AUTH_SECRET).
+    Token(TokenArgs),
+}
+
+/// `sfu-server token`: what the token allows.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The room the token admits to.
+    #[arg(long)]
+    pub room: String,
+    /// The only name the holder may join as (any name when omitted).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// How long the token is valid, e.g. `90s`, `30m`, `1h`, `7d`.
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    pub ttl: Duration,
+    /// A watch-only token: the holder may not publish.
+    #[arg(long)]
+    pub no_publish: bool,
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(s).map_err(|e| format!("{e} (try 90s, 30m, 1h or 7d)"))?;
+    if ttl.is_zero() {
+        return Err("the ttl must be longer than zero".into());
+    }
+    Ok(ttl)
+}
 
 /// A WebRTC SFU: browsers and headless clients call in over a WebSocket; everyone's audio
 /// and video is forwarded to everyone else in the room.
@@ -45,9 +94,24 @@ pub struct ServerConfig {
     #[arg(long, env = "SFU_MAX_TRACKS_PER_PARTICIPANT", default_value_t = 8)]
     pub max_tracks_per_participant: usize,
 
-    /// Concurrent WebSocket connections.
+    /// Rooms that may exist at once; a join that would open one more gets `room_full`.
+    #[arg(long, env = "SFU_MAX_ROOMS", default_value_t = 1000)]
+    pub max_rooms: usize,
+
+    /// Concurrent WebSocket connections; more get HTTP 503.
     #[arg(long, env = "SFU_MAX_CONNECTIONS", default_value_t = 2000)]
     pub max_connections: usize,
+
+    /// Secret for HS256 join tokens. When set, every join needs a valid token for its room
+    /// (see `sfu-server token`); without it, tokens are ignored.
+    #[arg(long, env = "SFU_AUTH_SECRET", global = true, hide_env_values = true)]
+    pub auth_secret: Option<Secret>,
+
+    /// Origin allowed to open the WebSocket (repeatable). When any is set, a browser upgrade
+    /// from another origin gets HTTP 403; the server's own origin and requests without an
+    /// Origin header (non-browser clients) are always allowed.
+    #[arg(long = "allowed-origin", env = "SFU_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    pub allowed_origins: Vec<String>,
 
     /// Seconds a socket may stay open without joining.
     #[arg(long, env = "SFU_JOIN_TIMEOUT_SECS", default_value_t = 10)]
@@ -76,6 +140,22 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
         return Err(format!("need 0 < MIN <= MAX, got {min}-{max}"));
     }
     Ok((min, max))
+}
+
+/// An origin as browsers send it: `scheme://host[:port]`, lower case, no path.
+fn parse_origin(s: &str) -> Result<String, String> {
+    let origin = s.trim().trim_end_matches('/').to_ascii_lowercase();
+    let Some((scheme, host)) = origin.split_once("://") else {
+        return Err(format!(
+            "{s:?} is not an origin; write it as scheme://host[:port], e.g. https://meet.example.org"
+        ));
+    };
+    if scheme.is_empty() || host.is_empty() || host.contains('/') {
+        return Err(format!(
+            "{s:?} is not an origin; write it as scheme://host[:port] without a path"
+        ));
+    }
+    Ok(origin)
 }
 
 impl ServerConfig {
@@ -125,5 +205,55 @@ mod tests {
         assert_eq!(c.resolved_ice_ips(), vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]);
         assert_eq!(c.ice_servers.len(), 1);
         assert_eq!(c.max_frame_bytes, 262_144);
+        assert!(c.auth_secret.is_none());
+        assert!(c.allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn no_subcommand_runs_the_server_and_token_takes_the_secret_before_or_after() {
+        let cli = Cli::parse_from(["sfu-server", "--listen", "127.0.0.1:0"]);
+        assert!(cli.command.is_none());
+        assert_eq!(cli.server.listen.port(), 0);
+
+        let cli = Cli::parse_from([
+            "sfu-server",
+            "token",
+            "--room",
+            "r",
+            "--ttl",
+            "2h",
+            "--no-publish",
+            "--auth-secret",
+            "s3cret",
+        ]);
+        let Some(Command::Token(args)) = cli.command else {
+            panic!("token subcommand")
+        };
+        assert_eq!(args.ttl, Duration::from_secs(7200));
+        assert!(args.no_publish);
+        assert_eq!(args.name, None);
+        assert_eq!(cli.server.auth_secret, Secret::new("s3cret").ok());
+
+        let cli = Cli::parse_from(["sfu-server", "--auth-secret", "x", "token", "--room", "r"]);
+        assert!(cli.server.auth_secret.is_some());
+        assert!(Cli::try_parse_from(["sfu-server", "token", "--room", "r", "--ttl", "0s"]).is_err());
+        assert!(Cli::try_parse_from(["sfu-server", "--auth-secret", ""]).is_err());
+    }
+
+    #[test]
+    fn allowed_origins_are_normalised_and_checked() {
+        let c = ServerConfig::parse_from([
+            "sfu-server",
+            "--allowed-origin",
+            "https://Meet.Example.org/",
+            "--allowed-origin",
+            "http://127.0.0.1:8080",
+        ]);
+        assert_eq!(
+            c.allowed_origins,
+            vec!["https://meet.example.org", "http://127.0.0.1:8080"]
+        );
+        assert!(parse_origin("meet.example.org").is_err());
+        assert!(parse_origin("https://meet.example.org/call").is_err());
     }
 }

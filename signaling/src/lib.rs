@@ -2,13 +2,14 @@
 //! the call page, and the `sfu-server` binary. Media lives in the `sfu` crate; this crate only
 //! translates between JSON and the media plane's API.
 
+pub mod auth;
 pub mod config;
 pub mod protocol;
 pub mod ratelimit;
 pub mod session;
 
 use axum::extract::{Path, State, WebSocketUpgrade};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub sessions: TaskTracker,
     /// Caps concurrent WebSocket connections.
     pub connections: Arc<Semaphore>,
+    /// Checks join tokens; `None` when the server runs without an auth secret.
+    pub auth: Option<auth::Verifier>,
 }
 
 impl AppState {
@@ -78,6 +81,7 @@ impl AppState {
                     ice_lost: Duration::from_secs(config.ice_lost_timeout_secs),
                     connect: Duration::from_secs(config.ice_connect_timeout_secs),
                 },
+                max_rooms: config.max_rooms,
             },
             metrics,
         );
@@ -90,6 +94,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             connections: Arc::new(Semaphore::new(config.max_connections)),
+            auth: config.auth_secret.as_ref().map(auth::Verifier::new),
             config,
         }))
     }
@@ -124,7 +129,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn websocket(State(state): State<Arc<AppState>>, upgrade: WebSocketUpgrade) -> Response {
+async fn websocket(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(&state.config.allowed_origins, &headers) {
+        return (
+            StatusCode::FORBIDDEN,
+            "this origin may not open the signaling socket; the server's --allowed-origin list \
+             does not include it",
+        )
+            .into_response();
+    }
     let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -148,6 +165,34 @@ async fn websocket(State(state): State<Arc<AppState>>, upgrade: WebSocketUpgrade
                 drop(permit);
             })
         })
+}
+
+/// Whether a WebSocket upgrade passes the origin check: always when no origins are
+/// configured or the request has no `Origin` (browsers always send one, so only non-browser
+/// clients omit it, and those can send any header they like anyway); otherwise the origin must
+/// be listed or be the server's own (its host and port equal the request's `Host`), so the
+/// call page served by this server keeps working. This stops other web pages from opening
+/// sockets with their visitors' browsers (cross-site WebSocket hijacking).
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    if allowed.iter().any(|a| *a == origin) {
+        return true;
+    }
+    let origin_host = origin.split_once("://").map(|(_, host)| host);
+    let request_host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    matches!((origin_host, request_host), (Some(o), Some(h)) if o == h)
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -1,7 +1,10 @@
-//! `sfu-server`: the whole SFU in one process (signaling, call page, media).
+//! `sfu-server`: the whole SFU in one process (signaling, call page, media), and
+//! `sfu-server token`, which prints a join token signed with the server's auth secret.
 
+use anyhow::Context;
 use clap::Parser;
-use signaling::config::ServerConfig;
+use signaling::auth::{self, Claims};
+use signaling::config::{Cli, Command, TokenArgs};
 use signaling::Server;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
@@ -11,7 +14,11 @@ const SHUTDOWN_BUDGET: Duration = Duration::from_secs(4);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = ServerConfig::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Token(args)) = cli.command {
+        return print_token(cli.server.auth_secret.as_ref(), args);
+    }
+    let config = cli.server;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
@@ -22,6 +29,18 @@ async fn main() -> anyhow::Result<()> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     server.shutdown(SHUTDOWN_BUDGET).await;
+    Ok(())
+}
+
+fn print_token(secret: Option<&auth::Secret>, args: TokenArgs) -> anyhow::Result<()> {
+    let secret = secret.context(
+        "no auth secret: pass --auth-secret or set SFU_AUTH_SECRET to the server's secret",
+    )?;
+    if !signaling::protocol::is_valid_room(&args.room) {
+        anyhow::bail!("--room must be 1–64 characters, each a letter, digit, '_' or '-'");
+    }
+    let claims = Claims::new(args.room, args.name, args.ttl, !args.no_publish);
+    println!("{}", auth::mint(secret, &claims)?);
     Ok(())
 }
 

@@ -38,6 +38,8 @@ struct Joined {
     participant: Participant,
     room: RoomId,
     events: mpsc::UnboundedReceiver<SfuEvent>,
+    /// False for a watch-only token: publisher offers are refused.
+    can_publish: bool,
 }
 
 enum Flow {
@@ -248,6 +250,15 @@ impl Session {
                 let Some(joined) = &self.joined else {
                     return Flow::Continue;
                 };
+                if !joined.can_publish {
+                    // `unauthorized` closes the socket: a watch-only client that offers has a
+                    // bug, and the contract gives no code that keeps it open.
+                    return self.fail(ProtocolError::new(
+                        ErrorCode::Unauthorized,
+                        "your token does not allow publishing (can_publish is false); watch \
+                         without offering, or get a token that allows publishing",
+                    ));
+                }
                 match joined.participant.publisher_offer(sdp).await {
                     Ok(answer) => {
                         self.send(ServerMessage::Answer {
@@ -297,12 +308,41 @@ impl Session {
                 }
                 Flow::Continue
             }
-            ClientMessage::SetQuality { .. } => Flow::Continue,
+            ClientMessage::SetQuality { track_id, quality } => {
+                let Some(joined) = &self.joined else {
+                    return Flow::Continue;
+                };
+                let quality = match quality {
+                    protocol::Quality::Low => sfu::Quality::Low,
+                    protocol::Quality::Medium => sfu::Quality::Medium,
+                    protocol::Quality::High => sfu::Quality::High,
+                };
+                match joined
+                    .participant
+                    .set_quality(TrackId::new(track_id), quality)
+                    .await
+                {
+                    Ok(()) => Flow::Continue,
+                    Err(e) => self.fail(ProtocolError::new(
+                        ErrorCode::BadRequest,
+                        format!("{e}; set_quality takes a track_id you receive"),
+                    )),
+                }
+            }
             ClientMessage::Leave => Flow::Close(CLOSE_NORMAL, "left"),
         }
     }
 
-    async fn join(&mut self, room: String, name: String, _token: Option<String>) -> Flow {
+    async fn join(&mut self, room: String, name: String, token: Option<String>) -> Flow {
+        let can_publish = match &self.state.auth {
+            None => true,
+            Some(verifier) => match verifier.check(token.as_deref(), &room, &name) {
+                Ok(grant) => grant.can_publish,
+                Err(refusal) => {
+                    return self.fail(ProtocolError::new(ErrorCode::Unauthorized, refusal.0));
+                }
+            },
+        };
         let (events_tx, events) = mpsc::unbounded_channel();
         let room_id = RoomId::new(room);
         match self.state.sfu.join(&room_id, name, events_tx).await {
@@ -318,12 +358,20 @@ impl Session {
                     participant: joined.participant,
                     room: room_id,
                     events,
+                    can_publish,
                 });
                 Flow::Continue
             }
             Err(JoinError::RoomFull(max)) => self.fail(ProtocolError::new(
                 ErrorCode::RoomFull,
                 format!("room is full ({max} participants); try another room later"),
+            )),
+            Err(JoinError::TooManyRooms(max)) => self.fail(ProtocolError::new(
+                ErrorCode::RoomFull,
+                format!(
+                    "the server has its maximum of {max} rooms open and cannot open another; \
+                     join an existing room or try again later"
+                ),
             )),
             Err(JoinError::Closed) => self.fail(ProtocolError::new(
                 ErrorCode::Internal,
@@ -412,6 +460,10 @@ fn media_error(error: MediaError) -> ProtocolError {
             format!("media setup failed: {message}"),
         ),
         MediaError::Gone => ProtocolError::new(ErrorCode::Internal, "the participant has ended"),
+        MediaError::UnknownTrack(track) => ProtocolError::new(
+            ErrorCode::BadRequest,
+            format!("no track {track} is forwarded to you"),
+        ),
     }
 }
 
