@@ -114,8 +114,9 @@ pub(crate) enum ParticipantCommand {
         role: PeerRole,
         state: RTCPeerConnectionState,
     },
+    /// A subscriber asked for a keyframe of the track it receives as `ssrc`.
     KeyframeRequest {
-        track_id: TrackId,
+        ssrc: u32,
     },
     SetQuality {
         track_id: TrackId,
@@ -377,8 +378,8 @@ impl ParticipantTask {
             ParticipantCommand::Unsubscribe { track_id } => self.unsubscribe(&track_id).await,
             ParticipantCommand::RemoteTrack(track) => self.remote_track(track).await,
             ParticipantCommand::PeerState { role, state } => self.peer_state(role, state).await,
-            ParticipantCommand::KeyframeRequest { track_id } => {
-                if let Some(down) = self.down_tracks.get(&track_id) {
+            ParticipantCommand::KeyframeRequest { ssrc } => {
+                if let Some(down) = self.down_tracks.values().find(|d| d.ssrc == ssrc) {
                     down.source.fanout.request_keyframe(self.id.clone());
                 }
             }
@@ -772,7 +773,7 @@ impl ParticipantTask {
         if !self.subscriber.as_ref().is_some_and(|c| c.connected) {
             return;
         }
-        for (track_id, down) in self.down_tracks.iter_mut() {
+        for down in self.down_tracks.values_mut() {
             if down.state != DownTrackState::Negotiated {
                 continue;
             }
@@ -819,7 +820,6 @@ impl ParticipantTask {
             down.state = DownTrackState::Bound;
             down.rtcp_task = Some(tokio::spawn(watch_subscriber_feedback(
                 Arc::clone(&down.local),
-                track_id.clone(),
                 self.commands_tx.clone(),
             )));
         }
@@ -925,37 +925,95 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// What a subscriber's RTCP asks of the SFU.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Feedback {
+    /// The SSRCs (ours, as the subscriber knows the tracks) it wants a keyframe of.
+    keyframe_ssrcs: Vec<u32>,
+    /// Its estimate of its downlink, bits per second.
+    estimate_bps: Option<u64>,
+}
+
+/// Reads PLI, FIR and REMB out of an RTCP compound. Keyframe requests name their track by
+/// media SSRC: webrtc-rs hands a whole compound to the track its *first* packet is about,
+/// so the track whose stream delivered it is not necessarily the one asking.
+fn feedback_of(packets: &[Box<dyn rtc::rtcp::Packet>]) -> Feedback {
+    let mut feedback = Feedback::default();
+    for packet in packets {
+        let any = packet.as_any();
+        if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+            feedback.keyframe_ssrcs.push(pli.media_ssrc);
+        } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+            feedback
+                .keyframe_ssrcs
+                .extend(fir.fir.iter().map(|entry| entry.ssrc));
+        } else if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
+            feedback.estimate_bps = Some(remb.bitrate as u64);
+        }
+    }
+    feedback
+}
+
 /// Turns a subscriber's keyframe requests (PLI/FIR) into requests to the publisher, and its
 /// bandwidth estimates (REMB) into layer budgets.
 async fn watch_subscriber_feedback(
     track: Arc<TrackLocalStaticRTP>,
-    track_id: TrackId,
     commands: mpsc::UnboundedSender<ParticipantCommand>,
 ) {
     while let Some(event) = track.poll().await {
         let TrackLocalEvent::OnRtcpPacket(packets) = event else {
             continue;
         };
-        let asks_keyframe = packets.iter().any(|p| {
-            let any = p.as_any();
-            any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
-        });
-        let estimate = packets.iter().find_map(|p| {
-            p.as_any()
-                .downcast_ref::<ReceiverEstimatedMaximumBitrate>()
-                .map(|remb| remb.bitrate as u64)
-        });
-        if let Some(bps) = estimate {
+        let feedback = feedback_of(&packets);
+        if let Some(bps) = feedback.estimate_bps {
             let _ = commands.send(ParticipantCommand::Bandwidth { bps });
         }
-        if asks_keyframe
-            && commands
-                .send(ParticipantCommand::KeyframeRequest {
-                    track_id: track_id.clone(),
-                })
+        for ssrc in feedback.keyframe_ssrcs {
+            if commands
+                .send(ParticipantCommand::KeyframeRequest { ssrc })
                 .is_err()
-        {
-            break;
+            {
+                return;
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtc::rtcp::payload_feedbacks::full_intra_request::FirEntry;
+    use rtc::rtcp::receiver_report::ReceiverReport;
+
+    #[test]
+    fn feedback_names_tracks_by_media_ssrc_and_reads_remb() {
+        let packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![
+            Box::new(ReceiverReport::default()),
+            Box::new(PictureLossIndication {
+                sender_ssrc: 1,
+                media_ssrc: 111,
+            }),
+            Box::new(FullIntraRequest {
+                sender_ssrc: 1,
+                media_ssrc: 0,
+                fir: vec![FirEntry {
+                    ssrc: 222,
+                    sequence_number: 3,
+                }],
+            }),
+            Box::new(ReceiverEstimatedMaximumBitrate {
+                sender_ssrc: 1,
+                bitrate: 750_000.0,
+                ssrcs: vec![111, 222],
+            }),
+        ];
+        assert_eq!(
+            feedback_of(&packets),
+            Feedback {
+                keyframe_ssrcs: vec![111, 222],
+                estimate_bps: Some(750_000),
+            }
+        );
+        assert_eq!(feedback_of(&[]), Feedback::default());
     }
 }
