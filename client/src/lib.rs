@@ -1,10 +1,12 @@
-//! The headless client: a signaling client, synthetic media sources and a headless peer that
-//! joins a room like a browser does, publishes synthetic VP8/Opus and measures what it receives.
-//! Tests, load tools and the swarm build on it.
+//! The headless client: a signaling client, media sources (synthetic VP8/Opus with probes, or
+//! real VP8/Opus from IVF/Ogg files) and a headless peer that joins a room like a browser does,
+//! publishes and measures what it receives. Tests and the load tester build on it.
 
 #![warn(missing_docs)]
 
+pub mod load;
 pub mod media;
+pub mod media_file;
 pub mod peer;
 pub mod publish;
 pub mod rtc_setup;
@@ -12,6 +14,7 @@ pub mod signal;
 pub mod stats;
 
 pub use media::{parse_probe, vp8_is_keyframe, AudioConfig, AudioSource, VideoConfig, VideoSource};
+pub use media_file::{FileAudioSource, FileVideoSource, IvfClip, MediaFileError, OggOpusClip};
 pub use peer::{ChatLine, HeadlessPeer, ParticipantInfo, PeerConfig, RoomState};
 pub use signal::{Frame, SignalClient, SignalEvent};
 pub use signaling::protocol::TrackKind;
@@ -45,6 +48,9 @@ pub enum Error {
     /// Something did not happen in time; the text says what was awaited.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// A media file could not be used.
+    #[error("media file {0}")]
+    MediaFile(#[from] MediaFileError),
     /// The peer has left or its tasks have stopped.
     #[error("the peer is no longer running")]
     Stopped,

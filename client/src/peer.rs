@@ -20,7 +20,11 @@ use webrtc::peer_connection::{
 };
 
 use crate::media::{AudioConfig, VideoConfig};
-use crate::publish::{add_published_track, spawn_sender, AudioLevel, PublishedTrack, SendOptions};
+use crate::media_file::{IvfClip, OggOpusClip};
+use crate::publish::{
+    add_published_track, spawn_sender, AudioLevel, AudioMedia, PublishedTrack, SendOptions,
+    VideoMedia,
+};
 use crate::rtc_setup::{
     build_peer_connection, candidate_from_wire, candidate_to_wire, sdp_mid_and_ufrag, PcOptions,
 };
@@ -55,6 +59,13 @@ pub struct PeerConfig {
     pub use_server_ice_servers: bool,
     /// Peer connection settings (local sockets).
     pub pc: PcOptions,
+    /// Publish this VP8 clip instead of synthetic video (set by [`PeerConfig::video_file`]).
+    pub video_clip: Option<Arc<IvfClip>>,
+    /// Publish this Opus clip instead of synthetic audio (set by [`PeerConfig::audio_file`]).
+    pub audio_clip: Option<Arc<OggOpusClip>>,
+    /// Read the synthetic probes out of received payloads (loss and one-way latency). Off when
+    /// the room carries real media, whose bytes could now and then look like a probe.
+    pub read_probes: bool,
 }
 
 impl PeerConfig {
@@ -73,7 +84,36 @@ impl PeerConfig {
             join_timeout: Duration::from_secs(10),
             use_server_ice_servers: false,
             pc: PcOptions::default(),
+            video_clip: None,
+            audio_clip: None,
+            read_probes: true,
         }
+    }
+
+    /// Publishes the VP8 clip of an IVF file (looped, paced by its timestamps) as video.
+    /// Fails if the file cannot be read or is not VP8 IVF.
+    pub fn video_file(self, path: impl AsRef<std::path::Path>) -> Result<Self> {
+        Ok(self.video_clip(IvfClip::open(path)?))
+    }
+
+    /// Publishes an already loaded VP8 clip as video (many peers can share one clip).
+    pub fn video_clip(mut self, clip: Arc<IvfClip>) -> Self {
+        self.video_clip = Some(clip);
+        self.publish_video = true;
+        self
+    }
+
+    /// Publishes the Opus packets of an Ogg file (looped, paced by packet durations) as
+    /// audio. Fails if the file cannot be read or is not Ogg Opus.
+    pub fn audio_file(self, path: impl AsRef<std::path::Path>) -> Result<Self> {
+        Ok(self.audio_clip(OggOpusClip::open(path)?))
+    }
+
+    /// Publishes an already loaded Opus clip as audio.
+    pub fn audio_clip(mut self, clip: Arc<OggOpusClip>) -> Self {
+        self.audio_clip = Some(clip);
+        self.publish_audio = true;
+        self
     }
 
     /// Only watches: publishes nothing (and never opens the publisher connection).
@@ -102,11 +142,21 @@ impl PeerConfig {
         self
     }
 
-    fn video_config(&self) -> VideoConfig {
-        VideoConfig {
-            bitrate_bps: self.video_bitrate_bps,
-            keyframe_interval: self.keyframe_interval,
-            ..VideoConfig::default()
+    fn video_media(&self) -> VideoMedia {
+        match &self.video_clip {
+            Some(clip) => VideoMedia::File(Arc::clone(clip)),
+            None => VideoMedia::Synthetic(VideoConfig {
+                bitrate_bps: self.video_bitrate_bps,
+                keyframe_interval: self.keyframe_interval,
+                ..VideoConfig::default()
+            }),
+        }
+    }
+
+    fn audio_media(&self) -> AudioMedia {
+        match &self.audio_clip {
+            Some(clip) => AudioMedia::File(Arc::clone(clip)),
+            None => AudioMedia::Synthetic(AudioConfig::default()),
         }
     }
 }
@@ -172,6 +222,11 @@ pub struct RoomState {
     pub local_errors: Vec<String>,
     /// Set when the signaling socket closed: the close code, if any.
     pub closed: Option<Option<u16>>,
+    /// Tracks of others listed in `joined` (media was available the moment we joined).
+    pub remote_tracks_at_join: usize,
+    /// When the first track of another participant became known: at `joined` if it listed
+    /// one, else at the first such `track_published`.
+    pub first_remote_track_at: Option<Instant>,
 }
 
 impl RoomState {
@@ -445,9 +500,12 @@ impl HeadlessPeer {
         };
         tracing::debug!(%participant_id, %room, "joined");
 
+        let remote_tracks_at_join = participants.iter().map(|p| p.tracks.len()).sum();
         let mut initial = RoomState {
             participant_id: participant_id.clone(),
             room,
+            remote_tracks_at_join,
+            first_remote_track_at: (remote_tracks_at_join > 0).then(Instant::now),
             ..RoomState::default()
         };
         for p in participants {
@@ -468,7 +526,7 @@ impl HeadlessPeer {
             initial.publisher_state = Some(RTCPeerConnectionState::New);
         }
         let state = Arc::new(watch::Sender::new(initial));
-        let stats = StatsStore::default();
+        let stats = StatsStore::new(config.read_probes);
         let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
         let outbox = Outbox(outbox_tx);
@@ -558,8 +616,8 @@ impl HeadlessPeer {
 
         if let Some(publisher) = &inner.publisher {
             let options = SendOptions {
-                video: config.video_config(),
-                audio: AudioConfig::default(),
+                video: config.video_media(),
+                audio: config.audio_media(),
                 audio_level: inner.audio_level.clone(),
             };
             for p in &inner.published {
@@ -878,6 +936,9 @@ async fn handle_message(inner: &Inner, sides: &mut [RemoteSide; 2], message: Ser
             local_error(inner, "a second joined".into());
         }
         ServerMessage::ParticipantJoined { participant } => inner.state.send_modify(|s| {
+            if !participant.tracks.is_empty() {
+                s.first_remote_track_at.get_or_insert_with(Instant::now);
+            }
             s.participants.insert(
                 participant.participant_id.clone(),
                 ParticipantInfo {
@@ -907,6 +968,7 @@ async fn handle_message(inner: &Inner, sides: &mut [RemoteSide; 2], message: Ser
                 });
             } else {
                 inner.state.send_modify(|s| {
+                    s.first_remote_track_at.get_or_insert_with(Instant::now);
                     s.participants
                         .entry(participant_id)
                         .or_insert_with(|| ParticipantInfo {

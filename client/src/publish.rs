@@ -1,6 +1,6 @@
-//! Publishing synthetic media on a peer connection: adding a send-only VP8 or Opus track, and the
-//! task that paces its packets in real time, answers keyframe requests (PLI/FIR) with a
-//! keyframe at once, and counts what it sent.
+//! Publishing media on a peer connection: adding a send-only VP8 or Opus track, and the task
+//! that paces its packets in real time (synthetic sources on a fixed frame clock, file sources on
+//! the file's own clock), answers keyframe requests (PLI/FIR), and counts what it sent.
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use webrtc::peer_connection::{PeerConnection, RTCPeerConnectionState};
 use webrtc::rtp_transceiver::{RtpSender, RtpTransceiver};
 
 use crate::media::{AudioConfig, AudioSource, VideoConfig, VideoSource, AUDIO_FRAME};
+use crate::media_file::{FileAudioSource, FileVideoSource, IvfClip, OggOpusClip};
 use crate::rtc_setup::{is_keyframe_request, negotiated_payload_type, new_local_track};
 use crate::stats::StatsStore;
 use crate::{Error, Result};
@@ -106,13 +107,47 @@ pub async fn add_published_track(
     })
 }
 
+/// What a published video track sends.
+#[derive(Debug, Clone)]
+pub enum VideoMedia {
+    /// Synthetic VP8 carrying probes, shaped by the configuration.
+    Synthetic(VideoConfig),
+    /// A VP8 clip read from an IVF file, looped.
+    File(Arc<IvfClip>),
+}
+
+/// What a published audio track sends.
+#[derive(Debug, Clone)]
+pub enum AudioMedia {
+    /// Synthetic Opus-sized packets carrying probes.
+    Synthetic(AudioConfig),
+    /// Opus packets read from an Ogg file, looped.
+    File(Arc<OggOpusClip>),
+}
+
+impl Default for VideoMedia {
+    fn default() -> Self {
+        VideoMedia::Synthetic(VideoConfig::default())
+    }
+}
+
+impl Default for AudioMedia {
+    fn default() -> Self {
+        AudioMedia::Synthetic(AudioConfig::default())
+    }
+}
+
+/// How late a file source may fall behind its clock before it stops catching up: past this,
+/// the missed time is skipped instead of being sent as a burst.
+const FILE_CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What the sender task needs besides the track.
 #[derive(Debug, Clone)]
 pub struct SendOptions {
-    /// The video source's behaviour.
-    pub video: VideoConfig,
-    /// The audio source's behaviour.
-    pub audio: AudioConfig,
+    /// What the video track sends.
+    pub video: VideoMedia,
+    /// What the audio track sends.
+    pub audio: AudioMedia,
     /// The audio level written on audio packets.
     pub audio_level: AudioLevel,
 }
@@ -182,9 +217,9 @@ pub fn spawn_sender(
                 RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
             )
         };
-        match kind {
-            TrackKind::Video => {
-                let mut source = VideoSource::new(options.video, published.ssrc, payload_type);
+        match (kind, options.video, options.audio) {
+            (TrackKind::Video, VideoMedia::Synthetic(config), _) => {
+                let mut source = VideoSource::new(config, published.ssrc, payload_type);
                 let frame_interval = source.config().frame_interval();
                 let mut ticker = tokio::time::interval(frame_interval);
                 ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
@@ -215,8 +250,31 @@ pub fn spawn_sender(
                     sender.send_video(frame).await;
                 }
             }
-            TrackKind::Audio => {
-                let mut source = AudioSource::new(options.audio, published.ssrc, payload_type);
+            (TrackKind::Video, VideoMedia::File(clip), _) => {
+                let mut source = FileVideoSource::new(clip, published.ssrc, payload_type);
+                let mut clock = FileClock::new();
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(clock.due(source.next_due())) => {}
+                        // A file cannot make a keyframe now: the next frame due skips ahead to
+                        // the clip's next keyframe instead.
+                        _ = requests.notified() => {
+                            source.request_keyframe();
+                            continue;
+                        }
+                        changed = connection.changed() => {
+                            if changed.is_err() || stopped(&connection.borrow()) {
+                                break;
+                            }
+                            continue;
+                        }
+                    }
+                    clock.sent(source.next_due());
+                    sender.send_video(source.next_frame()).await;
+                }
+            }
+            (TrackKind::Audio, _, AudioMedia::Synthetic(config)) => {
+                let mut source = AudioSource::new(config, published.ssrc, payload_type);
                 let mut ticker = tokio::time::interval(AUDIO_FRAME);
                 ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
                 loop {
@@ -233,9 +291,54 @@ pub fn spawn_sender(
                     sender.send_audio(packet).await;
                 }
             }
+            (TrackKind::Audio, _, AudioMedia::File(clip)) => {
+                let mut source = FileAudioSource::new(clip, published.ssrc, payload_type);
+                let mut clock = FileClock::new();
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(clock.due(source.next_due())) => {}
+                        changed = connection.changed() => {
+                            if changed.is_err() || stopped(&connection.borrow()) {
+                                break;
+                            }
+                            continue;
+                        }
+                    }
+                    clock.sent(source.next_due());
+                    sender.send_audio(source.next_packet()).await;
+                }
+            }
         }
         tracing::debug!(?kind, "sender stopped");
     })
+}
+
+/// Maps a file source's media time to wall-clock deadlines, and slips when the sender fell
+/// behind by more than [`FILE_CATCH_UP_LIMIT`] (a stalled runtime must not cause a burst).
+struct FileClock {
+    /// The wall-clock instant of media time zero (moves forward when slipping).
+    origin: tokio::time::Instant,
+}
+
+impl FileClock {
+    fn new() -> Self {
+        FileClock {
+            origin: tokio::time::Instant::now(),
+        }
+    }
+
+    /// When the media at `media_time` is due.
+    fn due(&self, media_time: std::time::Duration) -> tokio::time::Instant {
+        self.origin + media_time
+    }
+
+    /// Called as the media at `media_time` is sent.
+    fn sent(&mut self, media_time: std::time::Duration) {
+        let late = tokio::time::Instant::now().saturating_duration_since(self.due(media_time));
+        if late > FILE_CATCH_UP_LIMIT {
+            self.origin += late;
+        }
+    }
 }
 
 /// Reads RTCP delivered to `track` and signals `requests` on every PLI/FIR.

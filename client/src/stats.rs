@@ -75,6 +75,9 @@ pub struct TrackStats {
     pub probe_last: Option<u64>,
     /// One-way latency (receive time minus the probe's send time) of every distinct probe.
     pub latency: LatencyHistogram,
+    /// RFC 3550 interarrival jitter of the current SSRC, in milliseconds (0 before the
+    /// second packet).
+    pub jitter_ms: f64,
 }
 
 impl TrackStats {
@@ -395,7 +398,7 @@ fn extend(last: Option<u64>, value: u64, bits: u32) -> u64 {
 }
 
 /// A received track's stats plus the state needed to keep them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TrackRecord {
     /// What is published in snapshots.
     stats: TrackStats,
@@ -405,9 +408,60 @@ struct TrackRecord {
     seq: SeqWindow,
     /// Probe counters seen (extended).
     probe: SeqWindow,
+    /// Whether payloads are searched for probes.
+    read_probes: bool,
+    /// Interarrival jitter of the current SSRC.
+    jitter: JitterEstimator,
+}
+
+/// RFC 3550 §6.4.1 interarrival jitter: the smoothed absolute difference between how far
+/// apart two packets arrived and how far apart their RTP timestamps say they were sent.
+#[derive(Debug, Default, Clone)]
+pub struct JitterEstimator {
+    /// Transit time (arrival in RTP clock units minus RTP timestamp) of the previous packet.
+    last_transit: Option<u32>,
+    /// The estimate, in RTP clock units.
+    jitter: f64,
+}
+
+impl JitterEstimator {
+    /// Takes one packet: its arrival time in RTP clock units (any origin, wrapping) and its RTP
+    /// timestamp.
+    pub fn on_packet(&mut self, arrival_units: u32, rtp_timestamp: u32) {
+        let transit = arrival_units.wrapping_sub(rtp_timestamp);
+        if let Some(last) = self.last_transit {
+            let d = f64::from((transit.wrapping_sub(last) as i32).unsigned_abs());
+            self.jitter += (d - self.jitter) / 16.0;
+        }
+        self.last_transit = Some(transit);
+    }
+
+    /// The estimate in RTP clock units.
+    pub fn units(&self) -> f64 {
+        self.jitter
+    }
+}
+
+/// A fixed origin for arrival times in RTP clock units (any origin works; differences matter).
+fn arrival_units(now: Instant, clock_rate: u32) -> u32 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    let micros = now.saturating_duration_since(origin).as_micros() as u64;
+    (micros * u64::from(clock_rate) / 1_000_000) as u32
 }
 
 impl TrackRecord {
+    fn new(read_probes: bool) -> Self {
+        TrackRecord {
+            stats: TrackStats::default(),
+            ssrc: None,
+            seq: SeqWindow::default(),
+            probe: SeqWindow::default(),
+            read_probes,
+            jitter: JitterEstimator::default(),
+        }
+    }
+
     fn on_packet(&mut self, packet: &rtc::rtp::Packet, now: Instant, now_us: u64) {
         let s = &mut self.stats;
         let header = &packet.header;
@@ -432,7 +486,15 @@ impl TrackRecord {
             }
             self.ssrc = Some(header.ssrc);
             self.seq = SeqWindow::default();
+            self.jitter = JitterEstimator::default();
         }
+        let clock_rate = match s.kind {
+            Some(TrackKind::Audio) => crate::media::AUDIO_CLOCK_RATE,
+            _ => crate::media::VIDEO_CLOCK_RATE,
+        };
+        self.jitter
+            .on_packet(arrival_units(now, clock_rate), header.timestamp);
+        s.jitter_ms = self.jitter.units() * 1000.0 / f64::from(clock_rate);
         let is_video = s.kind == Some(TrackKind::Video);
         let keyframe = is_video && vp8_is_keyframe(&packet.payload);
         if s.first_packet_at.is_none() {
@@ -465,7 +527,12 @@ impl TrackRecord {
         }
 
         let kind = s.kind.unwrap_or(TrackKind::Video);
-        if let Some((send_us, counter)) = parse_probe(kind, &packet.payload) {
+        let probe = if self.read_probes {
+            parse_probe(kind, &packet.payload)
+        } else {
+            None
+        };
+        if let Some((send_us, counter)) = probe {
             s.probe_packets += 1;
             let ext = extend(self.probe.highest, u64::from(counter), 32);
             let fresh = match self.probe.insert(ext) {
@@ -487,15 +554,32 @@ impl TrackRecord {
 }
 
 /// Shared, lock-per-track store of what a peer receives and sends.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StatsStore {
+    /// Whether received payloads are searched for probes.
+    read_probes: bool,
     /// Received tracks.
     received: Arc<Mutex<HashMap<TrackKey, Arc<Mutex<TrackRecord>>>>>,
     /// Published tracks.
     sent: Arc<Mutex<HashMap<TrackKind, SentStats>>>,
 }
 
+impl Default for StatsStore {
+    fn default() -> Self {
+        StatsStore::new(true)
+    }
+}
+
 impl StatsStore {
+    /// An empty store; `read_probes` says whether received payloads carry synthetic probes.
+    pub fn new(read_probes: bool) -> Self {
+        StatsStore {
+            read_probes,
+            received: Arc::default(),
+            sent: Arc::default(),
+        }
+    }
+
     /// A snapshot of everything.
     pub fn snapshot(&self) -> PeerStats {
         let records: Vec<(TrackKey, Arc<Mutex<TrackRecord>>)> = lock(&self.received)
@@ -518,7 +602,12 @@ impl StatsStore {
     }
 
     fn record(&self, key: TrackKey) -> Arc<Mutex<TrackRecord>> {
-        Arc::clone(lock(&self.received).entry(key).or_default())
+        let read_probes = self.read_probes;
+        Arc::clone(
+            lock(&self.received)
+                .entry(key)
+                .or_insert_with(|| Arc::new(Mutex::new(TrackRecord::new(read_probes)))),
+        )
     }
 
     /// Reads `track` until it ends, recording every packet under its msid.
@@ -597,7 +686,7 @@ mod tests {
 
     #[test]
     fn sequence_gaps_duplicates_and_late_packets_are_counted() {
-        let mut r = TrackRecord::default();
+        let mut r = TrackRecord::new(true);
         r.stats.kind = Some(TrackKind::Audio);
         let now = Instant::now();
         let probe = |c: u32| crate::media::probe_bytes(1_750_000_000_000_000, c);
@@ -622,6 +711,40 @@ mod tests {
         assert_eq!(s.probe_lost(), 1, "counter 4 never arrived");
         assert_eq!(s.latency.count(), 5);
         assert_eq!(s.latency.quantile_us(0.5), Some(1000));
+    }
+
+    #[test]
+    fn jitter_follows_rfc_3550() {
+        // Packets 20 ms apart in RTP time (960 units at 48 kHz) arriving exactly on time: none.
+        let mut j = JitterEstimator::default();
+        for i in 0..50u32 {
+            j.on_packet(1_000 + i * 960, 7_000 + i * 960);
+        }
+        assert_eq!(j.units(), 0.0);
+        // Every other packet 480 units (10 ms) late: |D| is always 480, so the estimate
+        // converges on 480.
+        let mut j = JitterEstimator::default();
+        for i in 0..400u32 {
+            let late = if i % 2 == 1 { 480 } else { 0 };
+            j.on_packet(i * 960 + late, (u32::MAX - 100).wrapping_add(i * 960));
+        }
+        assert!((j.units() - 480.0).abs() < 1.0, "{}", j.units());
+        // One step of the recurrence: J = J + (|D| - J) / 16.
+        let mut j = JitterEstimator::default();
+        j.on_packet(0, 0);
+        j.on_packet(1160, 960);
+        assert_eq!(j.units(), 200.0 / 16.0);
+    }
+
+    #[test]
+    fn probes_are_ignored_when_not_read() {
+        let mut r = TrackRecord::new(false);
+        r.stats.kind = Some(TrackKind::Audio);
+        let probe = crate::media::probe_bytes(1_750_000_000_000_000, 0);
+        r.on_packet(&packet(1, probe), Instant::now(), 1_750_000_000_001_000);
+        assert_eq!(r.stats.packets, 1);
+        assert_eq!(r.stats.probe_packets, 0);
+        assert_eq!(r.stats.latency.count(), 0);
     }
 
     #[test]

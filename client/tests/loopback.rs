@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use client::publish::{add_published_track, spawn_sender, AudioLevel, SendOptions};
+use client::publish::{add_published_track, spawn_sender, AudioLevel, SendOptions, VideoMedia};
 use client::rtc_setup::{build_peer_connection, PcOptions};
 use client::stats::StatsStore;
 use client::{TrackKind, VideoConfig};
@@ -112,12 +112,12 @@ async fn publisher_reaches_a_plain_webrtc_peer_and_answers_pli() {
         .await
         .unwrap();
     let send_options = SendOptions {
-        video: VideoConfig {
+        video: VideoMedia::Synthetic(VideoConfig {
             bitrate_bps: 800_000,
             // Only the first keyframe and requested ones, so a PLI's effect is visible.
             keyframe_interval: None,
             ..VideoConfig::default()
-        },
+        }),
         audio: Default::default(),
         audio_level: AudioLevel::new(Some(40)),
     };

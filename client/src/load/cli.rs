@@ -1,0 +1,254 @@
+//! The `sfu-load` command line: its flags, the parsers for durations (`30s`, `2m`) and
+//! bitrates (`500k`, `1M`), and turning the flags into a [`LoadConfig`] (loading media files
+//! once, so a bad file fails before any peer joins).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::run::{LoadConfig, LoadMedia};
+use crate::media_file::{IvfClip, OggOpusClip};
+
+/// Load-tests an SFU: joins rooms of headless publishers and subscribers, holds the load, and
+/// reports joins, join time, tracks, bitrate, loss, jitter, latency, and the server's and its
+/// own CPU and memory, ending with a PASS/FAIL verdict (exit status 0/1).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sfu-load", version)]
+pub struct Args {
+    /// The server's signaling WebSocket.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: String,
+    /// Rooms.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub rooms: u32,
+    /// Publishers per room (publish video, and audio with --audio; subscribe to everything).
+    #[arg(long, default_value_t = 2)]
+    pub publishers: u32,
+    /// Subscribers per room (only subscribe).
+    #[arg(long, default_value_t = 2)]
+    pub subscribers: u32,
+    /// How long to hold the full load once every peer has joined, e.g. `30s`, `2m`.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Synthetic video bitrate, e.g. `500k`, `1M`, `1.5M` (bits per second).
+    #[arg(long, default_value = "500k", value_parser = parse_bitrate)]
+    pub video_bitrate: u32,
+    /// Publishers also publish audio (synthetic Opus, or --audio-file).
+    #[arg(long)]
+    pub audio: bool,
+    /// Join attempts started per second (paced evenly).
+    #[arg(long, default_value_t = 10.0, value_parser = parse_rate)]
+    pub join_rate: f64,
+    /// `synthetic` (VP8 with embedded send time and counter: exact loss and one-way latency)
+    /// or a VP8 IVF file to publish, looped.
+    #[arg(long, default_value = "synthetic")]
+    pub media: String,
+    /// An Ogg Opus file publishers send as audio, looped (implies --audio).
+    #[arg(long)]
+    pub audio_file: Option<PathBuf>,
+    /// Print the report as JSON on stdout (progress still goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Room names are `<prefix>-<run id>-<n>`.
+    #[arg(long, default_value = "load", value_parser = parse_room_prefix)]
+    pub room_prefix: String,
+    /// Where to read the server's CPU and memory (default: /metrics of the --url host).
+    #[arg(long)]
+    pub metrics_url: Option<String>,
+    /// How long one join may take before it counts as failed, e.g. `10s`.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub join_timeout: Duration,
+}
+
+/// `30s`, `2m`, `1h30m`, `500ms`; a bare number means seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let parsed = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
+        _ => humantime::parse_duration(s).map_err(|e| format!("{e} (try 30s, 2m or 500ms)"))?,
+    };
+    if parsed.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(parsed)
+}
+
+/// `500k`, `1M`, `1.5M`, `2500000` (bits per second; k = 1000, M = 1 000 000).
+pub fn parse_bitrate(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let (number, multiplier) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1e3),
+        Some((i, 'm' | 'M')) => (&s[..i], 1e6),
+        _ => (s, 1.0),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a bitrate (try 500k or 1M)"))?;
+    let bps = value * multiplier;
+    if !(1e3..=1e9).contains(&bps) {
+        return Err(format!(
+            "{s:?} is outside 1k..1000M bits per second (try 500k or 1M)"
+        ));
+    }
+    Ok(bps.round() as u32)
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let rate: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of joins per second"))?;
+    if !(rate.is_finite() && rate > 0.0 && rate <= 1000.0) {
+        return Err("joins per second must be above 0 and at most 1000".into());
+    }
+    Ok(rate)
+}
+
+fn parse_room_prefix(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.chars().count() <= 40
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("1-40 letters, digits, '_' or '-' (room names allow only those)".into())
+    }
+}
+
+impl Args {
+    /// The load test these flags describe. Fails (with a message for the user) if a media
+    /// file cannot be used or the flags make no sense together.
+    pub fn to_config(&self) -> Result<LoadConfig, String> {
+        if self.publishers == 0 && self.subscribers == 0 {
+            return Err("--publishers and --subscribers are both 0: nobody would join".into());
+        }
+        if self.publishers == 0 {
+            return Err("--publishers 0: subscribers would have nothing to receive".into());
+        }
+        if !self.url.starts_with("ws://") && !self.url.starts_with("wss://") {
+            return Err(format!(
+                "--url {:?} must be a ws:// or wss:// URL such as ws://127.0.0.1:8080/ws",
+                self.url
+            ));
+        }
+        let media = if self.media == "synthetic" {
+            if let Some(audio) = &self.audio_file {
+                return Err(format!(
+                    "--audio-file {} needs --media FILE.ivf: mixing real and synthetic media \
+                     would leave neither probes nor RTP stats comparable",
+                    audio.display()
+                ));
+            }
+            LoadMedia::Synthetic
+        } else {
+            let video = IvfClip::open(&self.media).map_err(|e| format!("--media {e}"))?;
+            let audio = match &self.audio_file {
+                Some(path) => {
+                    Some(OggOpusClip::open(path).map_err(|e| format!("--audio-file {e}"))?)
+                }
+                None => None,
+            };
+            LoadMedia::Files { video, audio }
+        };
+        Ok(LoadConfig {
+            url: self.url.clone(),
+            rooms: self.rooms as usize,
+            publishers: self.publishers as usize,
+            subscribers: self.subscribers as usize,
+            duration: self.duration,
+            video_bitrate_bps: self.video_bitrate,
+            audio: self.audio || self.audio_file.is_some(),
+            join_rate: self.join_rate,
+            media,
+            room_prefix: self.room_prefix.clone(),
+            metrics_url: self.metrics_url.clone(),
+            join_timeout: self.join_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").unwrap_err().contains("try 30s"));
+    }
+
+    #[test]
+    fn bitrates() {
+        assert_eq!(parse_bitrate("500k"), Ok(500_000));
+        assert_eq!(parse_bitrate("1M"), Ok(1_000_000));
+        assert_eq!(parse_bitrate("1.5M"), Ok(1_500_000));
+        assert_eq!(parse_bitrate("64K"), Ok(64_000));
+        assert_eq!(parse_bitrate("2500000"), Ok(2_500_000));
+        assert!(parse_bitrate("fast").is_err());
+        assert!(parse_bitrate("10").is_err(), "10 bit/s is surely a typo");
+        assert!(parse_bitrate("5000M").is_err());
+    }
+
+    #[test]
+    fn defaults_make_a_first_run() {
+        let args = Args::parse_from(["sfu-load"]);
+        let config = args.to_config().unwrap();
+        assert_eq!(config.url, "ws://127.0.0.1:8080/ws");
+        assert_eq!(
+            (config.rooms, config.publishers, config.subscribers),
+            (1, 2, 2)
+        );
+        assert_eq!(config.duration, Duration::from_secs(15));
+        assert_eq!(config.video_bitrate_bps, 500_000);
+        assert_eq!(config.join_rate, 10.0);
+        assert!(!args.json);
+    }
+
+    #[test]
+    fn flags_and_their_mistakes() {
+        let args = Args::parse_from([
+            "sfu-load",
+            "--rooms",
+            "10",
+            "--publishers",
+            "5",
+            "--subscribers",
+            "0",
+            "--duration",
+            "2m",
+            "--video-bitrate",
+            "1M",
+            "--audio",
+            "--join-rate",
+            "20",
+            "--json",
+        ]);
+        let config = args.to_config().unwrap();
+        assert_eq!(config.total_peers(), 50);
+        assert_eq!(config.tracks_per_publisher(), 2);
+        assert_eq!(config.duration, Duration::from_secs(120));
+        assert!(args.json);
+
+        let no_one = Args::parse_from(["sfu-load", "--publishers", "0", "--subscribers", "0"]);
+        assert!(no_one.to_config().unwrap_err().contains("nobody"));
+        let missing = Args::parse_from(["sfu-load", "--media", "/nonexistent.ivf"]);
+        assert!(missing
+            .to_config()
+            .unwrap_err()
+            .contains("/nonexistent.ivf"));
+        let mixed = Args::parse_from(["sfu-load", "--audio-file", "x.ogg"]);
+        assert!(mixed.to_config().unwrap_err().contains("--media"));
+        assert!(Args::try_parse_from(["sfu-load", "--rooms", "0"]).is_err());
+        assert!(Args::try_parse_from(["sfu-load", "--join-rate", "0"]).is_err());
+        assert!(Args::try_parse_from(["sfu-load", "--room-prefix", "a b"]).is_err());
+    }
+}

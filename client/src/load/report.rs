@@ -1,0 +1,1426 @@
+//! The load test's report: the math that turns what every peer measured into joins, tracks,
+//! bitrates, loss, jitter, latency, server and tester CPU/RSS; the verdict; and the two
+//! renderings (text for people, JSON for scripts, whose schema `docs/load-testing.md`
+//! documents). Everything here is pure: inputs in, report out, so the math is unit-tested.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::stats::{LatencyHistogram, PeerStats, TrackStats};
+
+/// Version of the JSON layout; bumped when a field changes meaning or disappears.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Loss at or above this fails the run.
+pub const LOSS_LIMIT_PCT: f64 = 1.0;
+
+/// A track whose last packet is older than this when the run ends has stalled.
+pub const STALL_AFTER: Duration = Duration::from_secs(2);
+
+/// Tester CPU (share of all cores) above which the tester may be what limits the numbers.
+pub const TESTER_CPU_WARN_SHARE: f64 = 0.6;
+
+/// Tester plus server CPU (share of all cores) above which the machine was saturated.
+pub const MACHINE_CPU_WARN_SHARE: f64 = 0.9;
+
+/// What a peer does in the room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Publishes video (and audio) and subscribes to everything.
+    Publisher,
+    /// Only subscribes.
+    Subscriber,
+}
+
+/// Where loss and latency come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Measurement {
+    /// The send time and counter embedded in every synthetic payload: exact end-to-end loss
+    /// and one-way latency.
+    Probes,
+    /// RTP sequence numbers and timestamps (real media has no room for probes): loss the SFU
+    /// did not hide by renumbering, jitter, and no one-way latency.
+    Rtp,
+}
+
+impl Measurement {
+    /// A sentence saying what the numbers mean.
+    pub fn note(self) -> &'static str {
+        match self {
+            Measurement::Probes => {
+                "loss and one-way latency from the send time and counter embedded in every synthetic payload"
+            }
+            Measurement::Rtp => {
+                "real media carries no probes: loss from RTP sequence gaps as received (the SFU renumbers \
+                 packets, so loss before it is not seen), jitter from RTP timestamps, one-way latency not measured"
+            }
+        }
+    }
+}
+
+/// The run's settings, as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigSummary {
+    /// Signaling URL.
+    pub url: String,
+    /// Rooms.
+    pub rooms: usize,
+    /// Publishers per room.
+    pub publishers_per_room: usize,
+    /// Subscribers per room.
+    pub subscribers_per_room: usize,
+    /// How long the full load was to be held, seconds.
+    pub duration_s: f64,
+    /// Synthetic video bitrate, bits per second (ignored with file media).
+    pub video_bitrate_bps: u32,
+    /// Whether publishers publish audio.
+    pub audio: bool,
+    /// Join attempts started per second.
+    pub join_rate: f64,
+    /// `synthetic`, or the IVF file published.
+    pub media: String,
+    /// The Ogg file published as audio, if any.
+    pub audio_file: Option<String>,
+}
+
+/// One peer as the run left it: the input to the report.
+#[derive(Debug)]
+pub struct PeerRecord {
+    /// Display name (`pub-<room>-<n>` / `sub-<room>-<n>`).
+    pub name: String,
+    /// Publisher or subscriber.
+    pub role: Role,
+    /// Room index.
+    pub room: usize,
+    /// How its join went.
+    pub outcome: PeerOutcome,
+}
+
+/// How a peer's join went.
+#[derive(Debug)]
+pub enum PeerOutcome {
+    /// The run stopped before its turn.
+    NotStarted,
+    /// Joining failed; the reason in words.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// It joined; what it measured.
+    Joined(Box<JoinedPeer>),
+}
+
+/// What a joined peer measured.
+#[derive(Debug)]
+pub struct JoinedPeer {
+    /// Its participant id.
+    pub participant_id: String,
+    /// Where its join clock starts: when it opened the socket, or, if the room had no track
+    /// to receive then, when the first one was announced.
+    pub clock_start: Instant,
+    /// Its measurements at the end.
+    pub stats: PeerStats,
+    /// Server track ids of what it published (empty for subscribers).
+    pub own_track_ids: Vec<String>,
+    /// Server `error` messages and local failures it saw.
+    pub errors: Vec<String>,
+}
+
+/// One `/metrics` reading.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsSample {
+    /// When it was read.
+    pub at: Instant,
+    /// `process_cpu_seconds_total`.
+    pub cpu_seconds: f64,
+    /// `process_resident_memory_bytes`.
+    pub rss_bytes: f64,
+}
+
+/// What was read from the server.
+#[derive(Debug, Clone, Default)]
+pub struct ServerInput {
+    /// The metrics URL (`None`: not scraped).
+    pub metrics_url: Option<String>,
+    /// Readings in time order.
+    pub samples: Vec<MetricsSample>,
+    /// Why readings are missing, if they are.
+    pub error: Option<String>,
+}
+
+/// The tester's own CPU time at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageSample {
+    /// When.
+    pub at: Instant,
+    /// User plus system CPU time of the whole process so far.
+    pub cpu: Duration,
+}
+
+/// The tester's own usage.
+#[derive(Debug, Clone, Copy)]
+pub struct TesterInput {
+    /// At the start of the run.
+    pub start: UsageSample,
+    /// When the hold phase began (all joins done), if it did.
+    pub hold: Option<UsageSample>,
+    /// At the end (before leaving).
+    pub end: UsageSample,
+    /// Peak resident memory of the tester, bytes.
+    pub max_rss_bytes: u64,
+    /// CPU cores of this machine.
+    pub cores: usize,
+}
+
+/// Everything the report is computed from.
+#[derive(Debug)]
+pub struct ReportInput<'a> {
+    /// Settings.
+    pub config: ConfigSummary,
+    /// Every peer planned, joined or not.
+    pub peers: &'a [PeerRecord],
+    /// Tracks each publisher publishes (1 video, or 2 with audio).
+    pub tracks_per_publisher: usize,
+    /// Where loss and latency come from.
+    pub measurement: Measurement,
+    /// When the first join started.
+    pub started: Instant,
+    /// When the last join finished and the hold began, if it did.
+    pub hold_started: Option<Instant>,
+    /// When measuring stopped.
+    pub ended: Instant,
+    /// Whether Ctrl-C cut the run short.
+    pub interrupted: bool,
+    /// Server readings.
+    pub server: ServerInput,
+    /// Tester readings.
+    pub tester: TesterInput,
+}
+
+/// Order statistics of a set of values (nearest-rank percentiles).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Percentiles {
+    /// How many values.
+    pub count: usize,
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// Timing of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// From the first join attempt to the last join finishing, seconds.
+    pub join_phase_s: f64,
+    /// How long the full load was held, seconds.
+    pub hold_s: f64,
+    /// Whether Ctrl-C cut the run short.
+    pub interrupted: bool,
+}
+
+/// A failed join.
+#[derive(Debug, Clone, Serialize)]
+pub struct JoinFailure {
+    /// Peer name.
+    pub peer: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Joins.
+#[derive(Debug, Clone, Serialize)]
+pub struct JoinSummary {
+    /// Peers planned.
+    pub planned: usize,
+    /// Joins attempted.
+    pub attempted: usize,
+    /// Joins that got `joined`.
+    pub succeeded: usize,
+    /// Joins that did not.
+    pub failed: usize,
+    /// The failures (at most 50 listed).
+    pub failures: Vec<JoinFailure>,
+    /// Join time (socket open, or first track announced, → first media packet), ms, over peers
+    /// that had something to receive and received it.
+    pub join_time_ms: Option<Percentiles>,
+}
+
+/// Tracks.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrackSummary {
+    /// Tracks that joined peers should receive (every other joined publisher's tracks).
+    pub expected: usize,
+    /// Of those, received (at least one packet).
+    pub received: usize,
+    /// Received tracks whose packets stopped for more than 2 s before the end.
+    pub stalled: usize,
+    /// Joined peers that received every expected track.
+    pub peers_complete: usize,
+    /// Joined peers.
+    pub peers_joined: usize,
+}
+
+/// Bitrates, bits per second of RTP payload (headers, SRTP and UDP not counted).
+#[derive(Debug, Clone, Serialize)]
+pub struct BitrateSummary {
+    /// Sum over all joined peers.
+    pub total: f64,
+    /// Mean per peer.
+    pub per_peer_mean: f64,
+    /// Lowest per peer.
+    pub per_peer_min: f64,
+    /// What each peer should have received on average: the send bitrate of the publishers it
+    /// subscribes to.
+    pub expected_per_peer_mean: f64,
+}
+
+/// Send bitrates, bits per second of RTP payload.
+#[derive(Debug, Clone, Serialize)]
+pub struct SendSummary {
+    /// Sum over publishers.
+    pub total: f64,
+    /// Mean per publisher.
+    pub per_publisher_mean: f64,
+}
+
+/// Jitter over received tracks.
+#[derive(Debug, Clone, Serialize)]
+pub struct JitterSummary {
+    /// Mean RFC 3550 jitter over received audio tracks, ms.
+    pub audio_mean: Option<f64>,
+    /// Mean over received video tracks, ms (a frame's packets leave in a burst, so video
+    /// jitter is naturally higher).
+    pub video_mean: Option<f64>,
+    /// Largest of any track, ms.
+    pub max: f64,
+}
+
+/// Media quality.
+#[derive(Debug, Clone, Serialize)]
+pub struct MediaSummary {
+    /// Where loss and latency come from.
+    pub measurement: Measurement,
+    /// What that means, in words.
+    pub note: String,
+    /// Packets expected over all received tracks.
+    pub packets_expected: u64,
+    /// Of those, lost.
+    pub packets_lost: u64,
+    /// `packets_lost / packets_expected`, percent.
+    pub loss_pct: f64,
+    /// What peers received.
+    pub receive_bitrate_bps: BitrateSummary,
+    /// What publishers sent.
+    pub send_bitrate_bps: SendSummary,
+    /// Jitter (`None` if nothing was received).
+    pub jitter_ms: Option<JitterSummary>,
+    /// One-way latency, ms (`None` without probes).
+    pub latency_ms: Option<Percentiles>,
+}
+
+/// The server's CPU and memory, from its `/metrics`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerSummary {
+    /// Where they were read.
+    pub metrics_url: Option<String>,
+    /// Readings taken.
+    pub samples: usize,
+    /// CPU over the whole run, percent of one core.
+    pub cpu_percent_avg: Option<f64>,
+    /// CPU while the full load was held, percent of one core.
+    pub cpu_percent_hold: Option<f64>,
+    /// Highest CPU between two consecutive readings, percent of one core.
+    pub cpu_percent_peak: Option<f64>,
+    /// RSS at the first reading, bytes.
+    pub rss_bytes_start: Option<f64>,
+    /// RSS at the last reading, bytes.
+    pub rss_bytes_end: Option<f64>,
+    /// Highest RSS read, bytes.
+    pub rss_bytes_peak: Option<f64>,
+    /// Why readings are missing, if they are.
+    pub error: Option<String>,
+}
+
+/// The tester's own cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct TesterSummary {
+    /// CPU cores of the machine.
+    pub cores: usize,
+    /// Peers that joined.
+    pub peers: usize,
+    /// Tester CPU over the whole run, percent of one core.
+    pub cpu_percent_avg: f64,
+    /// Tester CPU while the full load was held, percent of one core.
+    pub cpu_percent_hold: Option<f64>,
+    /// `cpu_percent_hold / peers`: percent of one core per joined peer.
+    pub cpu_percent_per_peer: Option<f64>,
+    /// Peak resident memory of the tester, bytes.
+    pub max_rss_bytes: u64,
+}
+
+/// One peer in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerSummary {
+    /// Name.
+    pub name: String,
+    /// Publisher or subscriber.
+    pub role: Role,
+    /// Room index.
+    pub room: usize,
+    /// `joined`, `failed` or `not_started`.
+    pub status: &'static str,
+    /// Why the join failed.
+    pub failure: Option<String>,
+    /// Join time, ms.
+    pub join_time_ms: Option<f64>,
+    /// Tracks it should receive.
+    pub tracks_expected: usize,
+    /// Of those, received.
+    pub tracks_received: usize,
+    /// Of those received, stalled.
+    pub tracks_stalled: usize,
+    /// Received bitrate, bits per second of RTP payload.
+    pub receive_bitrate_bps: f64,
+    /// Loss over its received tracks, percent.
+    pub loss_pct: f64,
+    /// Mean jitter over its received tracks, ms.
+    pub jitter_ms: Option<f64>,
+    /// Median one-way latency, ms (probes only).
+    pub latency_p50_ms: Option<f64>,
+    /// 99th percentile one-way latency, ms (probes only).
+    pub latency_p99_ms: Option<f64>,
+    /// Errors it saw (server `error` messages, local failures).
+    pub errors: usize,
+}
+
+/// The one-line answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    /// All joins, all tracks flowing, loss under 1%.
+    pub pass: bool,
+    /// `PASS: ...` or `FAIL: ...`, one line.
+    pub line: String,
+    /// Why it failed (empty on pass).
+    pub failures: Vec<String>,
+    /// Things that make the numbers less trustworthy, pass or fail.
+    pub warnings: Vec<String>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    /// [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// Settings.
+    pub config: ConfigSummary,
+    /// Timing.
+    pub run: RunSummary,
+    /// Joins.
+    pub joins: JoinSummary,
+    /// Tracks.
+    pub tracks: TrackSummary,
+    /// Media quality.
+    pub media: MediaSummary,
+    /// Server CPU and memory.
+    pub server: ServerSummary,
+    /// Tester CPU and memory.
+    pub tester: TesterSummary,
+    /// Every peer.
+    pub peers: Vec<PeerSummary>,
+    /// The verdict.
+    pub verdict: Verdict,
+}
+
+/// The nearest-rank percentile `q` (0–1) of ascending `sorted` values.
+pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// p50/p95/p99/max of `values` (any order); `None` if empty.
+pub fn percentiles(mut values: Vec<f64>) -> Option<Percentiles> {
+    values.retain(|v| v.is_finite());
+    values.sort_by(f64::total_cmp);
+    Some(Percentiles {
+        count: values.len(),
+        p50: percentile(&values, 0.50)?,
+        p95: percentile(&values, 0.95)?,
+        p99: percentile(&values, 0.99)?,
+        max: *values.last()?,
+    })
+}
+
+/// `(lost, expected)` packets of one received track.
+///
+/// With probes: counters between the first and last received that never arrived. With RTP:
+/// sequence numbers skipped, less those that arrived late to fill the gap, against the
+/// packets that should have arrived.
+pub fn track_loss(stats: &TrackStats, measurement: Measurement) -> (u64, u64) {
+    match measurement {
+        Measurement::Probes => match (stats.probe_first, stats.probe_last) {
+            (Some(first), Some(last)) => (stats.probe_lost(), last - first + 1),
+            _ => (0, 0),
+        },
+        Measurement::Rtp => {
+            let lost = stats.seq_missing.saturating_sub(stats.seq_late);
+            let unique = stats.packets.saturating_sub(stats.seq_duplicates);
+            (lost, unique + lost)
+        }
+    }
+}
+
+/// `lost / expected` as a percentage (0 when nothing was expected).
+pub fn loss_pct(lost: u64, expected: u64) -> f64 {
+    if expected == 0 {
+        0.0
+    } else {
+        lost as f64 * 100.0 / expected as f64
+    }
+}
+
+/// Bits per second for `bytes` over `window` (0 for an empty window).
+pub fn bitrate_bps(bytes: u64, window: Duration) -> f64 {
+    let secs = window.as_secs_f64();
+    if secs <= 0.0 {
+        0.0
+    } else {
+        bytes as f64 * 8.0 / secs
+    }
+}
+
+/// CPU time over wall time, percent of one core.
+pub fn cpu_percent(cpu: Duration, wall: Duration) -> Option<f64> {
+    let wall = wall.as_secs_f64();
+    (wall > 0.0).then(|| cpu.as_secs_f64() * 100.0 / wall)
+}
+
+/// A received track's bitrate from its first packet to `end`.
+fn track_bitrate(stats: &TrackStats, end: Instant) -> f64 {
+    match stats.first_packet_at {
+        Some(first) => bitrate_bps(stats.bytes, end.saturating_duration_since(first)),
+        None => 0.0,
+    }
+}
+
+/// A received track that stopped before the end.
+fn stalled(stats: &TrackStats, end: Instant) -> bool {
+    stats
+        .last_packet_at
+        .is_some_and(|last| end.saturating_duration_since(last) > STALL_AFTER)
+}
+
+/// The server readings summarized.
+fn summarize_server(input: &ServerInput, hold_started: Option<Instant>) -> ServerSummary {
+    let samples = &input.samples;
+    let rate = |a: &MetricsSample, b: &MetricsSample| {
+        let cpu = (b.cpu_seconds - a.cpu_seconds).max(0.0);
+        cpu_percent(
+            Duration::from_secs_f64(cpu),
+            b.at.saturating_duration_since(a.at),
+        )
+    };
+    let avg = match (samples.first(), samples.last()) {
+        (Some(a), Some(b)) if samples.len() >= 2 => rate(a, b),
+        _ => None,
+    };
+    let hold = hold_started.and_then(|h| {
+        let first = samples.iter().find(|s| s.at >= h)?;
+        let last = samples.last()?;
+        (last.at > first.at).then(|| rate(first, last)).flatten()
+    });
+    let peak = samples
+        .windows(2)
+        .filter_map(|w| rate(&w[0], &w[1]))
+        .max_by(f64::total_cmp);
+    ServerSummary {
+        metrics_url: input.metrics_url.clone(),
+        samples: samples.len(),
+        cpu_percent_avg: avg,
+        cpu_percent_hold: hold,
+        cpu_percent_peak: peak,
+        rss_bytes_start: samples.first().map(|s| s.rss_bytes),
+        rss_bytes_end: samples.last().map(|s| s.rss_bytes),
+        rss_bytes_peak: samples.iter().map(|s| s.rss_bytes).max_by(f64::total_cmp),
+        error: input.error.clone(),
+    }
+}
+
+impl LoadReport {
+    /// Computes the report.
+    pub fn build(input: ReportInput<'_>) -> LoadReport {
+        let end = input.ended;
+        let measurement = input.measurement;
+        let joined: Vec<(&PeerRecord, &JoinedPeer)> = input
+            .peers
+            .iter()
+            .filter_map(|p| match &p.outcome {
+                PeerOutcome::Joined(j) => Some((p, j.as_ref())),
+                _ => None,
+            })
+            .collect();
+
+        // Send bitrate of every joined publisher, by participant id.
+        let mut send_by_publisher = std::collections::HashMap::new();
+        for (record, peer) in &joined {
+            if record.role == Role::Publisher {
+                let rate: f64 = peer
+                    .stats
+                    .sent
+                    .values()
+                    .map(|s| match s.first_sent_at {
+                        Some(first) => bitrate_bps(s.bytes, end.saturating_duration_since(first)),
+                        None => 0.0,
+                    })
+                    .sum();
+                send_by_publisher.insert(peer.participant_id.as_str(), rate);
+            }
+        }
+
+        let mut peers = Vec::with_capacity(input.peers.len());
+        let mut failures = Vec::new();
+        let mut join_times = Vec::new();
+        let (mut expected_total, mut received_total, mut stalled_total) = (0, 0, 0);
+        let mut peers_complete = 0;
+        let (mut lost_total, mut packets_expected_total) = (0u64, 0u64);
+        let mut receive_rates = Vec::new();
+        let mut expected_rates = Vec::new();
+        let mut latency = LatencyHistogram::default();
+        let (mut audio_jitter, mut video_jitter) = (Vec::new(), Vec::new());
+        for record in input.peers {
+            let mut summary = PeerSummary {
+                name: record.name.clone(),
+                role: record.role,
+                room: record.room,
+                status: "not_started",
+                failure: None,
+                join_time_ms: None,
+                tracks_expected: 0,
+                tracks_received: 0,
+                tracks_stalled: 0,
+                receive_bitrate_bps: 0.0,
+                loss_pct: 0.0,
+                jitter_ms: None,
+                latency_p50_ms: None,
+                latency_p99_ms: None,
+                errors: 0,
+            };
+            let peer = match &record.outcome {
+                PeerOutcome::NotStarted => {
+                    peers.push(summary);
+                    continue;
+                }
+                PeerOutcome::Failed { reason } => {
+                    summary.status = "failed";
+                    summary.failure = Some(reason.clone());
+                    failures.push(JoinFailure {
+                        peer: record.name.clone(),
+                        reason: reason.clone(),
+                    });
+                    peers.push(summary);
+                    continue;
+                }
+                PeerOutcome::Joined(peer) => peer,
+            };
+            summary.status = "joined";
+            summary.errors = peer.errors.len();
+            // Every other joined publisher in the room, with the tracks it announced.
+            let sources: Vec<&JoinedPeer> = joined
+                .iter()
+                .filter(|(r, j)| {
+                    r.room == record.room
+                        && r.role == Role::Publisher
+                        && j.participant_id != peer.participant_id
+                })
+                .map(|(_, j)| *j)
+                .collect();
+            summary.tracks_expected = sources.len() * input.tracks_per_publisher;
+            let mut received: Vec<&TrackStats> = Vec::new();
+            let mut expected_rate = 0.0;
+            for source in &sources {
+                expected_rate += send_by_publisher
+                    .get(source.participant_id.as_str())
+                    .copied()
+                    .unwrap_or(0.0);
+                for track_id in &source.own_track_ids {
+                    let stats = peer.stats.track(&source.participant_id, track_id);
+                    if let Some(s) = stats.filter(|s| s.packets > 0) {
+                        received.push(s);
+                    }
+                }
+            }
+            summary.tracks_received = received.len();
+            summary.tracks_stalled = received.iter().filter(|s| stalled(s, end)).count();
+            let first_media = received.iter().filter_map(|s| s.first_packet_at).min();
+            if let Some(first) = first_media {
+                let ms = first
+                    .saturating_duration_since(peer.clock_start)
+                    .as_secs_f64()
+                    * 1e3;
+                summary.join_time_ms = Some(ms);
+                join_times.push(ms);
+            }
+            summary.receive_bitrate_bps = received.iter().map(|s| track_bitrate(s, end)).sum();
+            let (mut lost, mut packets) = (0, 0);
+            let mut peer_latency = LatencyHistogram::default();
+            let mut jitters = Vec::new();
+            for s in &received {
+                let (l, e) = track_loss(s, measurement);
+                lost += l;
+                packets += e;
+                if measurement == Measurement::Probes {
+                    peer_latency.merge(&s.latency);
+                }
+                jitters.push(s.jitter_ms);
+                match s.kind {
+                    Some(crate::TrackKind::Audio) => audio_jitter.push(s.jitter_ms),
+                    _ => video_jitter.push(s.jitter_ms),
+                }
+            }
+            summary.loss_pct = loss_pct(lost, packets);
+            summary.jitter_ms = mean(&jitters);
+            summary.latency_p50_ms = peer_latency.quantile_ms(0.5);
+            summary.latency_p99_ms = peer_latency.quantile_ms(0.99);
+            latency.merge(&peer_latency);
+            lost_total += lost;
+            packets_expected_total += packets;
+            expected_total += summary.tracks_expected;
+            received_total += summary.tracks_received;
+            stalled_total += summary.tracks_stalled;
+            if summary.tracks_received == summary.tracks_expected {
+                peers_complete += 1;
+            }
+            receive_rates.push(summary.receive_bitrate_bps);
+            expected_rates.push(expected_rate);
+            peers.push(summary);
+        }
+
+        let attempted = input
+            .peers
+            .iter()
+            .filter(|p| !matches!(p.outcome, PeerOutcome::NotStarted))
+            .count();
+        let joins = JoinSummary {
+            planned: input.peers.len(),
+            attempted,
+            succeeded: joined.len(),
+            failed: failures.len(),
+            failures: failures.iter().take(50).cloned().collect(),
+            join_time_ms: percentiles(join_times),
+        };
+        let tracks = TrackSummary {
+            expected: expected_total,
+            received: received_total,
+            stalled: stalled_total,
+            peers_complete,
+            peers_joined: joined.len(),
+        };
+        let send_rates: Vec<f64> = send_by_publisher.values().copied().collect();
+        let all_jitter = audio_jitter.iter().chain(&video_jitter).copied();
+        let media = MediaSummary {
+            measurement,
+            note: measurement.note().to_owned(),
+            packets_expected: packets_expected_total,
+            packets_lost: lost_total,
+            loss_pct: loss_pct(lost_total, packets_expected_total),
+            receive_bitrate_bps: BitrateSummary {
+                total: receive_rates.iter().sum(),
+                per_peer_mean: mean(&receive_rates).unwrap_or(0.0),
+                per_peer_min: receive_rates
+                    .iter()
+                    .copied()
+                    .min_by(f64::total_cmp)
+                    .unwrap_or(0.0),
+                expected_per_peer_mean: mean(&expected_rates).unwrap_or(0.0),
+            },
+            send_bitrate_bps: SendSummary {
+                total: send_rates.iter().sum(),
+                per_publisher_mean: mean(&send_rates).unwrap_or(0.0),
+            },
+            jitter_ms: all_jitter.max_by(f64::total_cmp).map(|max| JitterSummary {
+                audio_mean: mean(&audio_jitter),
+                video_mean: mean(&video_jitter),
+                max,
+            }),
+            latency_ms: (latency.count() > 0).then(|| Percentiles {
+                count: latency.count() as usize,
+                p50: latency.quantile_ms(0.5).unwrap_or(0.0),
+                p95: latency.quantile_ms(0.95).unwrap_or(0.0),
+                p99: latency.quantile_ms(0.99).unwrap_or(0.0),
+                max: latency.max_us().unwrap_or(0) as f64 / 1e3,
+            }),
+        };
+
+        let server = summarize_server(&input.server, input.hold_started);
+        let t = &input.tester;
+        let usage = |a: &UsageSample, b: &UsageSample| {
+            cpu_percent(
+                b.cpu.saturating_sub(a.cpu),
+                b.at.saturating_duration_since(a.at),
+            )
+        };
+        let tester_hold = t.hold.as_ref().and_then(|h| usage(h, &t.end));
+        let tester = TesterSummary {
+            cores: t.cores,
+            peers: joined.len(),
+            cpu_percent_avg: usage(&t.start, &t.end).unwrap_or(0.0),
+            cpu_percent_hold: tester_hold,
+            cpu_percent_per_peer: tester_hold
+                .filter(|_| !joined.is_empty())
+                .map(|c| c / joined.len() as f64),
+            max_rss_bytes: t.max_rss_bytes,
+        };
+
+        let join_phase_end = input.hold_started.unwrap_or(end);
+        let run = RunSummary {
+            join_phase_s: join_phase_end
+                .saturating_duration_since(input.started)
+                .as_secs_f64(),
+            hold_s: input
+                .hold_started
+                .map_or(0.0, |h| end.saturating_duration_since(h).as_secs_f64()),
+            interrupted: input.interrupted,
+        };
+        let verdict = verdict(&joins, &tracks, &media, &server, &tester, &run);
+        LoadReport {
+            schema_version: SCHEMA_VERSION,
+            config: input.config,
+            run,
+            joins,
+            tracks,
+            media,
+            server,
+            tester,
+            peers,
+            verdict,
+        }
+    }
+
+    /// The report as pretty JSON (the `--json` output).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("the report serializes")
+    }
+
+    /// The report as text for people.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let c = &self.config;
+        let media = if c.media == "synthetic" {
+            format!("synthetic VP8 {}", fmt_bps(f64::from(c.video_bitrate_bps)))
+        } else {
+            format!("VP8 from {}", c.media)
+        };
+        let audio = match (&c.audio_file, c.audio) {
+            (Some(file), _) => format!(" + Opus from {file}"),
+            (None, true) => " + synthetic Opus".to_owned(),
+            (None, false) => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "sfu-load report: {}, {} room(s) x ({} publishers + {} subscribers), {media}{audio}",
+            c.url, c.rooms, c.publishers_per_room, c.subscribers_per_room
+        );
+        let _ = writeln!(
+            out,
+            "  run         joined in {:.1} s, held {:.1} s of {:.0} s{}",
+            self.run.join_phase_s,
+            self.run.hold_s,
+            c.duration_s,
+            if self.run.interrupted {
+                " (interrupted by Ctrl-C: report so far)"
+            } else {
+                ""
+            }
+        );
+        let j = &self.joins;
+        let _ = writeln!(
+            out,
+            "  joins       {}/{} succeeded, {} failed{}",
+            j.succeeded,
+            j.planned,
+            j.failed,
+            if j.attempted < j.planned {
+                format!(", {} not started", j.planned - j.attempted)
+            } else {
+                String::new()
+            }
+        );
+        match &j.join_time_ms {
+            Some(p) => {
+                let _ = writeln!(
+                    out,
+                    "  join time   p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  max {:.0} ms  ({} peers; socket open -> first media packet)",
+                    p.p50, p.p95, p.p99, p.max, p.count
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  join time   n/a (no peer received media)");
+            }
+        }
+        let t = &self.tracks;
+        let _ = writeln!(
+            out,
+            "  tracks      {}/{} received, {} stalled; {}/{} peers got every track",
+            t.received, t.expected, t.stalled, t.peers_complete, t.peers_joined
+        );
+        let m = &self.media;
+        let r = &m.receive_bitrate_bps;
+        let _ = writeln!(
+            out,
+            "  receive     {} per peer (expected {}, lowest {}), {} in all",
+            fmt_bps(r.per_peer_mean),
+            fmt_bps(r.expected_per_peer_mean),
+            fmt_bps(r.per_peer_min),
+            fmt_bps(r.total)
+        );
+        let _ = writeln!(
+            out,
+            "  send        {} per publisher, {} in all (RTP payload)",
+            fmt_bps(m.send_bitrate_bps.per_publisher_mean),
+            fmt_bps(m.send_bitrate_bps.total)
+        );
+        let _ = writeln!(
+            out,
+            "  loss        {:.3}% ({} of {} packets)",
+            m.loss_pct, m.packets_lost, m.packets_expected
+        );
+        match &m.jitter_ms {
+            Some(jit) => {
+                let _ = writeln!(
+                    out,
+                    "  jitter      audio {}  video {}  max {:.1} ms",
+                    fmt_opt_ms(jit.audio_mean),
+                    fmt_opt_ms(jit.video_mean),
+                    jit.max
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  jitter      n/a");
+            }
+        }
+        match &m.latency_ms {
+            Some(l) => {
+                let _ = writeln!(
+                    out,
+                    "  latency     one-way p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+                    l.p50, l.p99, l.max
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  latency     not measured");
+            }
+        }
+        let _ = writeln!(out, "  measured    {}", m.note);
+        let s = &self.server;
+        if s.samples >= 2 {
+            let _ = writeln!(
+                out,
+                "  server      CPU {} avg, {} while held, {} peak (% of one core); RSS {} -> {} (peak {})",
+                fmt_opt_pct(s.cpu_percent_avg),
+                fmt_opt_pct(s.cpu_percent_hold),
+                fmt_opt_pct(s.cpu_percent_peak),
+                fmt_opt_bytes(s.rss_bytes_start),
+                fmt_opt_bytes(s.rss_bytes_end),
+                fmt_opt_bytes(s.rss_bytes_peak)
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  server      CPU/RSS unknown: {}",
+                s.error
+                    .as_deref()
+                    .unwrap_or("fewer than two /metrics readings")
+            );
+        }
+        let te = &self.tester;
+        let _ = writeln!(
+            out,
+            "  tester      CPU {} avg, {} while held = {} of a core per peer ({} peers, {} cores); RSS peak {}",
+            fmt_opt_pct(Some(te.cpu_percent_avg)),
+            fmt_opt_pct(te.cpu_percent_hold),
+            te.cpu_percent_per_peer
+                .map_or("n/a".to_owned(), |p| format!("{p:.2}%")),
+            te.peers,
+            te.cores,
+            fmt_opt_bytes(Some(te.max_rss_bytes as f64))
+        );
+        let problems: Vec<&PeerSummary> = self
+            .peers
+            .iter()
+            .filter(|p| {
+                p.status == "failed"
+                    || (p.status == "joined"
+                        && (p.tracks_received < p.tracks_expected || p.tracks_stalled > 0))
+            })
+            .collect();
+        for p in problems.iter().take(10) {
+            let what = match &p.failure {
+                Some(reason) => format!("join failed: {reason}"),
+                None => format!(
+                    "{}/{} tracks, {} stalled",
+                    p.tracks_received, p.tracks_expected, p.tracks_stalled
+                ),
+            };
+            let _ = writeln!(out, "  ! {:<14} {what}", p.name);
+        }
+        if problems.len() > 10 {
+            let _ = writeln!(
+                out,
+                "  ! ... and {} more peers (see --json)",
+                problems.len() - 10
+            );
+        }
+        for w in &self.verdict.warnings {
+            let _ = writeln!(out, "  warning: {w}");
+        }
+        let _ = writeln!(out, "{}", self.verdict.line);
+        out
+    }
+}
+
+/// PASS needs every join, every expected track flowing, and loss under [`LOSS_LIMIT_PCT`].
+fn verdict(
+    joins: &JoinSummary,
+    tracks: &TrackSummary,
+    media: &MediaSummary,
+    server: &ServerSummary,
+    tester: &TesterSummary,
+    run: &RunSummary,
+) -> Verdict {
+    let mut failures = Vec::new();
+    let mut warnings = Vec::new();
+    if joins.failed > 0 {
+        failures.push(format!(
+            "{} of {} joins failed",
+            joins.failed, joins.attempted
+        ));
+    }
+    if joins.succeeded == 0 {
+        failures.push("no peer joined".to_owned());
+    }
+    if tracks.received < tracks.expected {
+        failures.push(format!(
+            "{} of {} tracks never arrived",
+            tracks.expected - tracks.received,
+            tracks.expected
+        ));
+    }
+    if tracks.stalled > 0 {
+        failures.push(format!("{} tracks stalled", tracks.stalled));
+    }
+    if media.loss_pct >= LOSS_LIMIT_PCT {
+        failures.push(format!("loss {:.2}% >= {LOSS_LIMIT_PCT}%", media.loss_pct));
+    }
+    if run.interrupted {
+        warnings.push("interrupted before the planned duration".to_owned());
+    }
+    let capacity = tester.cores as f64 * 100.0;
+    if let Some(cpu) = tester.cpu_percent_hold {
+        if cpu >= TESTER_CPU_WARN_SHARE * capacity {
+            warnings.push(format!(
+                "the tester itself used {cpu:.0}% CPU of {capacity:.0}%: it may be the bottleneck; \
+                 run fewer peers per tester process or the tester on another machine"
+            ));
+        }
+        if let Some(server_cpu) = server.cpu_percent_hold {
+            if cpu + server_cpu >= MACHINE_CPU_WARN_SHARE * capacity {
+                warnings.push(format!(
+                    "tester and server together used {:.0}% CPU of {capacity:.0}%: the machine was saturated",
+                    cpu + server_cpu
+                ));
+            }
+        }
+    }
+    if server.samples < 2 {
+        warnings.push("server CPU/RSS unknown (no /metrics readings)".to_owned());
+    }
+    let pass = failures.is_empty();
+    let line = if pass {
+        format!(
+            "PASS: all {} joins, all {} tracks, loss {:.2}% < {LOSS_LIMIT_PCT}%",
+            joins.succeeded, tracks.expected, media.loss_pct
+        )
+    } else {
+        format!("FAIL: {}", failures.join("; "))
+    };
+    Verdict {
+        pass,
+        line,
+        failures,
+        warnings,
+    }
+}
+
+fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+/// `1.23 Mbit/s`, `456 kbit/s`.
+pub fn fmt_bps(bps: f64) -> String {
+    if bps >= 1e6 {
+        format!("{:.2} Mbit/s", bps / 1e6)
+    } else {
+        format!("{:.0} kbit/s", bps / 1e3)
+    }
+}
+
+fn fmt_opt_ms(ms: Option<f64>) -> String {
+    ms.map_or("n/a".to_owned(), |v| format!("{v:.1} ms"))
+}
+
+fn fmt_opt_pct(p: Option<f64>) -> String {
+    p.map_or("n/a".to_owned(), |v| format!("{v:.0}%"))
+}
+
+fn fmt_opt_bytes(b: Option<f64>) -> String {
+    b.map_or("n/a".to_owned(), |v| {
+        format!("{:.0} MiB", v / 1024.0 / 1024.0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::SentStats;
+    use crate::TrackKind;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        let p = percentiles(values).unwrap();
+        assert_eq!(
+            (p.count, p.p50, p.p95, p.p99, p.max),
+            (100, 50.0, 95.0, 99.0, 100.0)
+        );
+        // Order does not matter; small sets round the rank up.
+        let p = percentiles(vec![30.0, 10.0, 20.0]).unwrap();
+        assert_eq!((p.p50, p.p95, p.p99, p.max), (20.0, 30.0, 30.0, 30.0));
+        let p = percentiles(vec![7.0]).unwrap();
+        assert_eq!((p.p50, p.max), (7.0, 7.0));
+        assert!(percentiles(vec![]).is_none());
+        assert_eq!(percentile(&[1.0, 2.0], 0.0), Some(1.0));
+    }
+
+    #[test]
+    fn loss_from_probes_and_from_rtp() {
+        let probes = TrackStats {
+            probe_first: Some(100),
+            probe_last: Some(299),
+            probe_unique: 196,
+            ..TrackStats::default()
+        };
+        assert_eq!(track_loss(&probes, Measurement::Probes), (4, 200));
+        assert_eq!(loss_pct(4, 200), 2.0);
+        // 1000 packets arrived, 3 of them duplicates; 12 skipped, 2 of which came late.
+        let rtp = TrackStats {
+            packets: 1000,
+            seq_duplicates: 3,
+            seq_missing: 12,
+            seq_late: 2,
+            ..TrackStats::default()
+        };
+        assert_eq!(track_loss(&rtp, Measurement::Rtp), (10, 1007));
+        assert_eq!(
+            track_loss(&TrackStats::default(), Measurement::Probes),
+            (0, 0)
+        );
+        assert_eq!(loss_pct(0, 0), 0.0);
+    }
+
+    #[test]
+    fn bitrate_and_cpu_math() {
+        assert_eq!(bitrate_bps(125_000, Duration::from_secs(2)), 500_000.0);
+        assert_eq!(bitrate_bps(1, Duration::ZERO), 0.0);
+        assert_eq!(
+            cpu_percent(Duration::from_millis(1500), Duration::from_secs(3)),
+            Some(50.0)
+        );
+        assert_eq!(cpu_percent(Duration::from_secs(1), Duration::ZERO), None);
+        assert_eq!(fmt_bps(1_234_000.0), "1.23 Mbit/s");
+        assert_eq!(fmt_bps(456_000.0), "456 kbit/s");
+    }
+
+    /// A received track with `bytes` over the last `secs` seconds before `end`.
+    fn received(end: Instant, secs: u64, bytes: u64, kind: TrackKind) -> TrackStats {
+        TrackStats {
+            kind: Some(kind),
+            packets: 100,
+            bytes,
+            first_packet_at: Some(end - Duration::from_secs(secs)),
+            last_packet_at: Some(end - Duration::from_millis(10)),
+            probe_first: Some(0),
+            probe_last: Some(99),
+            probe_unique: 100,
+            jitter_ms: 2.0,
+            ..TrackStats::default()
+        }
+    }
+
+    fn joined(id: &str, start: Instant, own: &[&str]) -> JoinedPeer {
+        JoinedPeer {
+            participant_id: id.to_owned(),
+            clock_start: start,
+            stats: PeerStats::default(),
+            own_track_ids: own.iter().map(|s| s.to_string()).collect(),
+            errors: vec![],
+        }
+    }
+
+    fn input<'a>(peers: &'a [PeerRecord], base: Instant, end: Instant) -> ReportInput<'a> {
+        ReportInput {
+            config: ConfigSummary {
+                url: "ws://127.0.0.1:1/ws".into(),
+                rooms: 1,
+                publishers_per_room: 2,
+                subscribers_per_room: 1,
+                duration_s: 10.0,
+                video_bitrate_bps: 500_000,
+                audio: false,
+                join_rate: 10.0,
+                media: "synthetic".into(),
+                audio_file: None,
+            },
+            peers,
+            tracks_per_publisher: 1,
+            measurement: Measurement::Probes,
+            started: base,
+            hold_started: Some(base + Duration::from_secs(1)),
+            ended: end,
+            interrupted: false,
+            server: ServerInput {
+                metrics_url: Some("http://127.0.0.1:1/metrics".into()),
+                samples: vec![
+                    MetricsSample {
+                        at: base,
+                        cpu_seconds: 10.0,
+                        rss_bytes: 1e6,
+                    },
+                    MetricsSample {
+                        at: base + Duration::from_secs(1),
+                        cpu_seconds: 10.2,
+                        rss_bytes: 3e6,
+                    },
+                    MetricsSample {
+                        at: end,
+                        cpu_seconds: 12.0,
+                        rss_bytes: 2e6,
+                    },
+                ],
+                error: None,
+            },
+            tester: TesterInput {
+                start: UsageSample {
+                    at: base,
+                    cpu: Duration::ZERO,
+                },
+                hold: Some(UsageSample {
+                    at: base + Duration::from_secs(1),
+                    cpu: Duration::from_millis(500),
+                }),
+                end: UsageSample {
+                    at: end,
+                    cpu: Duration::from_millis(1400),
+                },
+                max_rss_bytes: 50 << 20,
+                cores: 2,
+            },
+        }
+    }
+
+    #[test]
+    fn a_room_report_adds_up() {
+        let base = Instant::now();
+        let end = base + Duration::from_secs(10);
+        // Two publishers (one video track each) and one subscriber.
+        let mut a = joined("A", base, &["ta"]);
+        let mut b = joined("B", base + Duration::from_millis(100), &["tb"]);
+        let mut s = joined("S", base + Duration::from_millis(200), &[]);
+        for (p, bytes) in [(&mut a, 625_000u64), (&mut b, 625_000)] {
+            p.stats.sent.insert(
+                TrackKind::Video,
+                SentStats {
+                    bytes,
+                    first_sent_at: Some(end - Duration::from_secs(10)),
+                    ..SentStats::default()
+                },
+            );
+        }
+        // A gets B, B gets A, S gets both; S lost 2 of 100 probes on B's track.
+        a.stats.tracks.insert(
+            ("B".into(), "tb".into()),
+            received(end, 5, 312_500, TrackKind::Video),
+        );
+        b.stats.tracks.insert(
+            ("A".into(), "ta".into()),
+            received(end, 5, 312_500, TrackKind::Video),
+        );
+        s.stats.tracks.insert(
+            ("A".into(), "ta".into()),
+            received(end, 5, 312_500, TrackKind::Video),
+        );
+        let mut lossy = received(end, 5, 312_500, TrackKind::Video);
+        lossy.probe_unique = 98;
+        lossy.latency.record(3_000);
+        s.stats.tracks.insert(("B".into(), "tb".into()), lossy);
+        let peers = vec![
+            PeerRecord {
+                name: "pub-0-0".into(),
+                role: Role::Publisher,
+                room: 0,
+                outcome: PeerOutcome::Joined(Box::new(a)),
+            },
+            PeerRecord {
+                name: "pub-0-1".into(),
+                role: Role::Publisher,
+                room: 0,
+                outcome: PeerOutcome::Joined(Box::new(b)),
+            },
+            PeerRecord {
+                name: "sub-0-0".into(),
+                role: Role::Subscriber,
+                room: 0,
+                outcome: PeerOutcome::Joined(Box::new(s)),
+            },
+        ];
+        let report = LoadReport::build(input(&peers, base, end));
+        assert_eq!(report.joins.succeeded, 3);
+        assert_eq!((report.tracks.expected, report.tracks.received), (4, 4));
+        assert_eq!(report.tracks.peers_complete, 3);
+        // 400 probes expected, 2 lost.
+        assert_eq!(
+            (report.media.packets_lost, report.media.packets_expected),
+            (2, 400)
+        );
+        assert_eq!(report.media.loss_pct, 0.5);
+        // Each track: 312_500 bytes over 5 s = 500 kbit/s; the subscriber gets two.
+        let r = &report.media.receive_bitrate_bps;
+        assert_eq!(r.per_peer_min, 500_000.0);
+        assert_eq!(r.total, 2_000_000.0);
+        assert_eq!(r.per_peer_mean, 2_000_000.0 / 3.0);
+        // Each publisher sent 625_000 bytes over 10 s = 500 kbit/s.
+        assert_eq!(report.media.send_bitrate_bps.total, 1_000_000.0);
+        assert_eq!(
+            r.expected_per_peer_mean,
+            (500_000.0 + 500_000.0 + 1e6) / 3.0
+        );
+        // Join time: from each clock start to its first packet (end - 5 s = base + 5 s).
+        let jt = report.joins.join_time_ms.unwrap();
+        assert_eq!((jt.p50, jt.max), (4900.0, 5000.0));
+        assert!((report.media.latency_ms.unwrap().p50 - 3.0).abs() < 0.1);
+        assert_eq!(
+            report.media.jitter_ms.as_ref().unwrap().video_mean,
+            Some(2.0)
+        );
+        // Server: 2 s CPU over 10 s = 20%; while held 1.8 s over 9 s = 20%; peak 20% and 20%.
+        assert!((report.server.cpu_percent_avg.unwrap() - 20.0).abs() < 1e-9);
+        assert!((report.server.cpu_percent_hold.unwrap() - 20.0).abs() < 1e-9);
+        assert_eq!(report.server.rss_bytes_peak, Some(3e6));
+        // Tester: 0.9 s over 9 s held = 10%, over 3 peers.
+        assert!((report.tester.cpu_percent_hold.unwrap() - 10.0).abs() < 1e-9);
+        assert!((report.tester.cpu_percent_per_peer.unwrap() - 10.0 / 3.0).abs() < 1e-9);
+        assert!(report.verdict.pass, "{:?}", report.verdict);
+        assert_eq!(
+            report.verdict.line,
+            "PASS: all 3 joins, all 4 tracks, loss 0.50% < 1%"
+        );
+        let text = report.to_text();
+        assert!(text.contains("4/4 received"), "{text}");
+        assert!(text.trim_end().ends_with(&report.verdict.line));
+    }
+
+    #[test]
+    fn failures_missing_tracks_and_stalls_fail_the_run() {
+        let base = Instant::now();
+        let end = base + Duration::from_secs(10);
+        let a = joined("A", base, &["ta"]);
+        let mut s = joined("S", base, &[]);
+        // The only track S got stopped 5 s before the end.
+        let mut t = received(end, 8, 1000, TrackKind::Video);
+        t.last_packet_at = Some(end - Duration::from_secs(5));
+        s.stats.tracks.insert(("A".into(), "ta".into()), t);
+        let peers = vec![
+            PeerRecord {
+                name: "pub-0-0".into(),
+                role: Role::Publisher,
+                room: 0,
+                outcome: PeerOutcome::Joined(Box::new(a)),
+            },
+            PeerRecord {
+                name: "pub-0-1".into(),
+                role: Role::Publisher,
+                room: 0,
+                outcome: PeerOutcome::Failed {
+                    reason: "timed out waiting for joined".into(),
+                },
+            },
+            PeerRecord {
+                name: "sub-0-0".into(),
+                role: Role::Subscriber,
+                room: 0,
+                outcome: PeerOutcome::Joined(Box::new(s)),
+            },
+            PeerRecord {
+                name: "sub-0-1".into(),
+                role: Role::Subscriber,
+                room: 0,
+                outcome: PeerOutcome::NotStarted,
+            },
+        ];
+        let report = LoadReport::build(input(&peers, base, end));
+        assert_eq!(
+            (
+                report.joins.planned,
+                report.joins.attempted,
+                report.joins.failed
+            ),
+            (4, 3, 1)
+        );
+        // Only joined publishers are expected: A's track at S. A itself expects nothing.
+        assert_eq!((report.tracks.expected, report.tracks.received), (1, 1));
+        assert_eq!(report.tracks.stalled, 1);
+        assert!(!report.verdict.pass);
+        assert_eq!(
+            report.verdict.line,
+            "FAIL: 1 of 3 joins failed; 1 tracks stalled"
+        );
+        assert!(report.to_text().contains("join failed: timed out"));
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let base = Instant::now();
+        let end = base + Duration::from_secs(10);
+        let peers = vec![PeerRecord {
+            name: "pub-0-0".into(),
+            role: Role::Publisher,
+            room: 0,
+            outcome: PeerOutcome::Joined(Box::new(joined("A", base, &["ta"]))),
+        }];
+        let mut run = input(&peers, base, end);
+        run.measurement = Measurement::Rtp;
+        let report = LoadReport::build(run);
+        let v: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(v["schema_version"], 1);
+        assert_eq!(v["media"]["measurement"], "rtp");
+        assert!(v["media"]["latency_ms"].is_null());
+        assert_eq!(v["peers"][0]["role"], "publisher");
+        assert_eq!(v["peers"][0]["status"], "joined");
+        assert_eq!(v["verdict"]["pass"], true);
+        for section in [
+            "config", "run", "joins", "tracks", "media", "server", "tester",
+        ] {
+            assert!(v[section].is_object(), "{section}");
+        }
+    }
+}

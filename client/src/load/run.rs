@@ -1,0 +1,622 @@
+//! Running one load test: plan the peers (per room, publishers then subscribers), start joins
+//! at a steady rate, hold the full load for the configured duration while reading the server's
+//! `/metrics` and reporting live numbers, then take the final measurements, make every peer
+//! leave (`leave`, then close), and build the report. A stop signal (Ctrl-C) at any point skips
+//! to the measuring and leaving, so the report covers the run so far.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
+
+use super::report::{
+    loss_pct, track_loss, ConfigSummary, JoinedPeer, LoadReport, Measurement, MetricsSample,
+    PeerOutcome, PeerRecord, ReportInput, Role, ServerInput, TesterInput,
+};
+use super::{server_metrics, usage};
+use crate::media_file::{IvfClip, OggOpusClip};
+use crate::stats::lock;
+use crate::{HeadlessPeer, PeerConfig, TrackKind};
+
+/// How often live numbers are computed and `/metrics` is read.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long joins still in flight may finish after a stop before they are abandoned.
+const STOP_JOIN_GRACE: Duration = Duration::from_secs(3);
+
+/// What publishers send.
+#[derive(Debug, Clone)]
+pub enum LoadMedia {
+    /// Synthetic VP8 at the configured bitrate (and synthetic Opus with audio), carrying
+    /// probes for exact loss and one-way latency.
+    Synthetic,
+    /// Real media from files.
+    Files {
+        /// The VP8 clip every publisher sends.
+        video: Arc<IvfClip>,
+        /// The Opus clip every publisher sends, if any (else synthetic audio with `audio`).
+        audio: Option<Arc<OggOpusClip>>,
+    },
+}
+
+/// One load test.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// Signaling URL, `ws://HOST:PORT/ws`.
+    pub url: String,
+    /// Rooms.
+    pub rooms: usize,
+    /// Publishers per room: publish video (and audio), subscribe to everything.
+    pub publishers: usize,
+    /// Subscribers per room: only subscribe.
+    pub subscribers: usize,
+    /// How long to hold the full load once every join has finished.
+    pub duration: Duration,
+    /// Synthetic video bitrate, bits per second.
+    pub video_bitrate_bps: u32,
+    /// Publishers also publish audio.
+    pub audio: bool,
+    /// Join attempts started per second.
+    pub join_rate: f64,
+    /// What publishers send.
+    pub media: LoadMedia,
+    /// Room names are `<prefix>-<run id>-<index>`, so runs never share a room.
+    pub room_prefix: String,
+    /// Where to read server CPU/RSS (`None`: derived from `url`).
+    pub metrics_url: Option<String>,
+    /// How long one join may take before it counts as failed.
+    pub join_timeout: Duration,
+}
+
+impl LoadConfig {
+    /// The defaults of a first run against `url`: 1 room, 2 publishers, 2 subscribers, 15 s,
+    /// 500 kbit/s synthetic video, no audio, 10 joins per second.
+    pub fn new(url: impl Into<String>) -> Self {
+        LoadConfig {
+            url: url.into(),
+            rooms: 1,
+            publishers: 2,
+            subscribers: 2,
+            duration: Duration::from_secs(15),
+            video_bitrate_bps: 500_000,
+            audio: false,
+            join_rate: 10.0,
+            media: LoadMedia::Synthetic,
+            room_prefix: "load".to_owned(),
+            metrics_url: None,
+            join_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Tracks each publisher publishes.
+    pub fn tracks_per_publisher(&self) -> usize {
+        1 + usize::from(self.publishes_audio())
+    }
+
+    fn publishes_audio(&self) -> bool {
+        self.audio || matches!(&self.media, LoadMedia::Files { audio: Some(_), .. })
+    }
+
+    /// Probes are read only when everything published is synthetic: real payloads could now
+    /// and then look like one.
+    pub fn measurement(&self) -> Measurement {
+        match self.media {
+            LoadMedia::Synthetic => Measurement::Probes,
+            LoadMedia::Files { .. } => Measurement::Rtp,
+        }
+    }
+
+    /// Peers in all.
+    pub fn total_peers(&self) -> usize {
+        self.rooms * (self.publishers + self.subscribers)
+    }
+
+    fn summary(&self) -> ConfigSummary {
+        let (media, audio_file) = match &self.media {
+            LoadMedia::Synthetic => ("synthetic".to_owned(), None),
+            LoadMedia::Files { video, audio } => (
+                video.path.display().to_string(),
+                audio.as_ref().map(|a| a.path.display().to_string()),
+            ),
+        };
+        ConfigSummary {
+            url: self.url.clone(),
+            rooms: self.rooms,
+            publishers_per_room: self.publishers,
+            subscribers_per_room: self.subscribers,
+            duration_s: self.duration.as_secs_f64(),
+            video_bitrate_bps: self.video_bitrate_bps,
+            audio: self.publishes_audio(),
+            join_rate: self.join_rate,
+            media,
+            audio_file,
+        }
+    }
+}
+
+/// Where the run is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Phase {
+    /// Joins are being started.
+    Joining,
+    /// Every join finished; the full load is held for `remaining` more.
+    Holding {
+        /// Time left.
+        remaining: Duration,
+    },
+    /// Measuring is over; peers are leaving.
+    Leaving,
+}
+
+/// Live numbers, every [`SAMPLE_INTERVAL`].
+#[derive(Debug, Clone)]
+pub struct LiveStatus {
+    /// Where the run is.
+    pub phase: Phase,
+    /// Peers planned.
+    pub planned: usize,
+    /// Peers joined.
+    pub joined: usize,
+    /// Joins that failed.
+    pub failed: usize,
+    /// RTP payload received by all peers over the last interval, bits per second.
+    pub receive_bps: f64,
+    /// RTP payload sent by all publishers over the last interval, bits per second.
+    pub send_bps: f64,
+    /// Loss so far over all received tracks, percent.
+    pub loss_pct: f64,
+    /// Failed joins plus errors peers saw.
+    pub errors: usize,
+    /// Server CPU over the last interval, percent of one core, if readable.
+    pub server_cpu_percent: Option<f64>,
+}
+
+/// One planned peer.
+struct Slot {
+    /// Name, role, room.
+    name: String,
+    role: Role,
+    room: usize,
+    /// Where its join is.
+    state: SlotState,
+}
+
+enum SlotState {
+    NotStarted,
+    Joining,
+    Joined {
+        peer: HeadlessPeer,
+        /// Where the join clock starts (see [`JoinedPeer::clock_start`]).
+        started: Instant,
+    },
+    Failed(String),
+}
+
+/// A random hex id for this run's room names.
+fn run_id() -> String {
+    format!("{:06x}", crate::random_u64() & 0xff_ffff)
+}
+
+/// The peers of a run, in join order: rooms interleaved, every publisher before any subscriber
+/// (so subscribers find media waiting, as in a real webinar).
+fn plan(config: &LoadConfig) -> Vec<Slot> {
+    let mut slots = Vec::with_capacity(config.total_peers());
+    for (role, count, prefix) in [
+        (Role::Publisher, config.publishers, "pub"),
+        (Role::Subscriber, config.subscribers, "sub"),
+    ] {
+        for n in 0..count {
+            for room in 0..config.rooms {
+                slots.push(Slot {
+                    name: format!("{prefix}-{room}-{n}"),
+                    role,
+                    room,
+                    state: SlotState::NotStarted,
+                });
+            }
+        }
+    }
+    slots
+}
+
+fn peer_config(config: &LoadConfig, room_name: &str, slot: &Slot) -> PeerConfig {
+    let mut pc = PeerConfig::new(config.url.clone(), room_name, slot.name.clone());
+    pc.join_timeout = config.join_timeout;
+    pc.read_probes = config.measurement() == Measurement::Probes;
+    if slot.role == Role::Subscriber {
+        return pc.watcher();
+    }
+    pc = pc
+        .publish(true, config.publishes_audio())
+        .video_bitrate(config.video_bitrate_bps);
+    if let LoadMedia::Files { video, audio } = &config.media {
+        pc = pc.video_clip(Arc::clone(video));
+        if let Some(audio) = audio {
+            pc = pc.audio_clip(Arc::clone(audio));
+        }
+    }
+    pc
+}
+
+/// Totals for the live line.
+#[derive(Default)]
+struct Totals {
+    received_bytes: u64,
+    sent_bytes: u64,
+    lost: u64,
+    expected: u64,
+    errors: usize,
+}
+
+fn totals(slots: &[Slot], measurement: Measurement) -> Totals {
+    let mut t = Totals::default();
+    for slot in slots {
+        match &slot.state {
+            SlotState::Joined { peer, .. } => {
+                let stats = peer.stats();
+                for track in stats.tracks.values() {
+                    t.received_bytes += track.bytes;
+                    let (lost, expected) = track_loss(track, measurement);
+                    t.lost += lost;
+                    t.expected += expected;
+                }
+                for sent in stats.sent.values() {
+                    t.sent_bytes += sent.bytes;
+                    t.errors += sent.write_errors as usize;
+                }
+                let state = peer.state();
+                t.errors += state.errors.len() + state.local_errors.len();
+            }
+            SlotState::Failed(_) => t.errors += 1,
+            _ => {}
+        }
+    }
+    t
+}
+
+/// Reads `/metrics` every [`SAMPLE_INTERVAL`] until `stop` flips.
+async fn sample_server(
+    url: String,
+    samples: Arc<Mutex<Vec<MetricsSample>>>,
+    error: Arc<Mutex<Option<String>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        match server_metrics::read_sample(&url).await {
+            Ok(sample) => lock(&samples).push(sample),
+            Err(e) => {
+                tracing::debug!("metrics: {e}");
+                lock(&error).get_or_insert(e);
+            }
+        }
+    }
+}
+
+/// Runs the load test described by `config` until its duration is over or `stop` resolves,
+/// calling `on_status` with live numbers every [`SAMPLE_INTERVAL`]; every peer has left when
+/// this returns.
+pub async fn run_load(
+    config: LoadConfig,
+    stop: impl Future<Output = ()>,
+    mut on_status: impl FnMut(&LiveStatus),
+) -> LoadReport {
+    let measurement = config.measurement();
+    let run = run_id();
+    let room_names: Vec<String> = (0..config.rooms)
+        .map(|i| format!("{}-{run}-{i}", config.room_prefix))
+        .collect();
+    let mut slots = plan(&config);
+    let planned = slots.len();
+
+    let metrics_url = config
+        .metrics_url
+        .clone()
+        .or_else(|| server_metrics::metrics_url_for(&config.url));
+    let samples: Arc<Mutex<Vec<MetricsSample>>> = Arc::default();
+    let metrics_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let (stop_sampler, sampler_stopped) = watch::channel(false);
+    let sampler = metrics_url.clone().map(|url| {
+        tokio::spawn(sample_server(
+            url,
+            Arc::clone(&samples),
+            Arc::clone(&metrics_error),
+            sampler_stopped,
+        ))
+    });
+
+    let started = Instant::now();
+    let tester_start = usage::sample();
+    let mut tester_hold = None;
+    let mut hold_started: Option<Instant> = None;
+    let mut interrupted = false;
+
+    let mut joins: JoinSet<(usize, Instant, crate::Result<HeadlessPeer>)> = JoinSet::new();
+    let mut next_join = 0usize;
+    let pace = Duration::from_secs_f64(1.0 / config.join_rate.max(0.001));
+    let mut pacer = tokio::time::interval(pace);
+    pacer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut status_tick = tokio::time::interval(SAMPLE_INTERVAL);
+    status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_totals = (Instant::now(), 0u64, 0u64);
+    tokio::pin!(stop);
+
+    let hold_end = |hold_started: Option<Instant>| hold_started.map(|h| h + config.duration);
+    loop {
+        let joining = next_join < planned || !joins.is_empty();
+        if !joining && hold_started.is_none() {
+            hold_started = Some(Instant::now());
+            tester_hold = Some(usage::sample());
+        }
+        let deadline = hold_end(hold_started);
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let sleep_until = deadline.map_or_else(
+            || tokio::time::Instant::now() + Duration::from_secs(3600),
+            tokio::time::Instant::from_std,
+        );
+        tokio::select! {
+            () = &mut stop => {
+                interrupted = true;
+                break;
+            }
+            _ = pacer.tick(), if next_join < planned => {
+                let index = next_join;
+                next_join += 1;
+                let slot = &mut slots[index];
+                let pc = peer_config(&config, &room_names[slot.room], slot);
+                slot.state = SlotState::Joining;
+                joins.spawn(async move {
+                    let opened = Instant::now();
+                    (index, opened, HeadlessPeer::join(pc).await)
+                });
+            }
+            Some(result) = joins.join_next(), if !joins.is_empty() => {
+                settle_join(&mut slots, result);
+            }
+            _ = status_tick.tick() => {
+                let phase = match deadline {
+                    Some(d) => Phase::Holding { remaining: d.saturating_duration_since(Instant::now()) },
+                    None => Phase::Joining,
+                };
+                let status = live_status(&slots, measurement, phase, &mut last_totals, &samples);
+                on_status(&status);
+            }
+            _ = tokio::time::sleep_until(sleep_until) => {}
+        }
+    }
+
+    // Joins still in flight get a moment to finish, so they can leave properly.
+    let grace = tokio::time::Instant::now() + STOP_JOIN_GRACE;
+    while !joins.is_empty() {
+        match tokio::time::timeout_at(grace, joins.join_next()).await {
+            Ok(Some(result)) => settle_join(&mut slots, result),
+            Ok(None) => break,
+            Err(_) => {
+                // Dropping a join closes its socket, which the server treats as leaving.
+                joins.abort_all();
+                for slot in &mut slots {
+                    if matches!(slot.state, SlotState::Joining) {
+                        slot.state = SlotState::Failed("abandoned at stop".to_owned());
+                    }
+                }
+                break;
+            }
+        }
+    }
+
+    let ended = Instant::now();
+    let tester_end = usage::sample();
+    let (_, max_rss_bytes) = usage::self_usage();
+    let _ = stop_sampler.send(true);
+    if let Some(sampler) = sampler {
+        let _ = sampler.await;
+    }
+    // The closing reading, so the server's numbers cover the run to its end.
+    if let Some(url) = &metrics_url {
+        match server_metrics::read_sample(url).await {
+            Ok(sample) => lock(&samples).push(sample),
+            Err(e) => {
+                lock(&metrics_error).get_or_insert(e);
+            }
+        }
+    }
+    let status = live_status(
+        &slots,
+        measurement,
+        Phase::Leaving,
+        &mut last_totals,
+        &samples,
+    );
+    on_status(&status);
+
+    // Final measurements, then everyone leaves at once.
+    let mut records = Vec::with_capacity(planned);
+    let mut leaving = JoinSet::new();
+    for slot in slots {
+        let outcome = match slot.state {
+            SlotState::NotStarted => PeerOutcome::NotStarted,
+            SlotState::Joining => PeerOutcome::Failed {
+                reason: "abandoned at stop".to_owned(),
+            },
+            SlotState::Failed(reason) => PeerOutcome::Failed { reason },
+            SlotState::Joined { peer, started } => {
+                let state = peer.state();
+                let clock_start = if state.remote_tracks_at_join > 0 {
+                    started
+                } else {
+                    state
+                        .first_remote_track_at
+                        .map_or(started, |t| t.max(started))
+                };
+                let mut errors: Vec<String> = state
+                    .errors
+                    .iter()
+                    .map(|(code, message)| format!("{}: {message}", code.as_str()))
+                    .collect();
+                errors.extend(state.local_errors.iter().cloned());
+                let joined = JoinedPeer {
+                    participant_id: peer.participant_id().to_owned(),
+                    clock_start,
+                    stats: peer.stats(),
+                    own_track_ids: [TrackKind::Video, TrackKind::Audio]
+                        .into_iter()
+                        .filter_map(|k| state.own_track(k).map(|t| t.track_id.clone()))
+                        .collect(),
+                    errors,
+                };
+                leaving.spawn(peer.leave());
+                PeerOutcome::Joined(Box::new(joined))
+            }
+        };
+        records.push(PeerRecord {
+            name: slot.name,
+            role: slot.role,
+            room: slot.room,
+            outcome,
+        });
+    }
+    while leaving.join_next().await.is_some() {}
+
+    let server_samples = std::mem::take(&mut *lock(&samples));
+    let server_error = if server_samples.len() >= 2 {
+        None
+    } else {
+        lock(&metrics_error)
+            .clone()
+            .or_else(|| metrics_url.is_none().then(|| "no metrics URL".to_owned()))
+    };
+    LoadReport::build(ReportInput {
+        config: config.summary(),
+        peers: &records,
+        tracks_per_publisher: config.tracks_per_publisher(),
+        measurement,
+        started,
+        hold_started,
+        ended,
+        interrupted,
+        server: ServerInput {
+            metrics_url,
+            samples: server_samples,
+            error: server_error,
+        },
+        tester: TesterInput {
+            start: tester_start,
+            hold: tester_hold,
+            end: tester_end,
+            max_rss_bytes,
+            cores: usage::cores(),
+        },
+    })
+}
+
+fn settle_join(
+    slots: &mut [Slot],
+    result: Result<(usize, Instant, crate::Result<HeadlessPeer>), tokio::task::JoinError>,
+) {
+    match result {
+        Ok((index, started, Ok(peer))) => {
+            slots[index].state = SlotState::Joined { peer, started };
+        }
+        Ok((index, _, Err(e))) => {
+            tracing::debug!(peer = %slots[index].name, "join failed: {e}");
+            slots[index].state = SlotState::Failed(e.to_string());
+        }
+        Err(e) => tracing::warn!("a join task died: {e}"),
+    }
+}
+
+fn live_status(
+    slots: &[Slot],
+    measurement: Measurement,
+    phase: Phase,
+    last: &mut (Instant, u64, u64),
+    samples: &Mutex<Vec<MetricsSample>>,
+) -> LiveStatus {
+    let t = totals(slots, measurement);
+    let now = Instant::now();
+    let secs = now.saturating_duration_since(last.0).as_secs_f64();
+    let rate = |now_bytes: u64, then: u64| {
+        if secs > 0.0 {
+            now_bytes.saturating_sub(then) as f64 * 8.0 / secs
+        } else {
+            0.0
+        }
+    };
+    let status = LiveStatus {
+        phase,
+        planned: slots.len(),
+        joined: slots
+            .iter()
+            .filter(|s| matches!(s.state, SlotState::Joined { .. }))
+            .count(),
+        failed: slots
+            .iter()
+            .filter(|s| matches!(s.state, SlotState::Failed(_)))
+            .count(),
+        receive_bps: rate(t.received_bytes, last.1),
+        send_bps: rate(t.sent_bytes, last.2),
+        loss_pct: loss_pct(t.lost, t.expected),
+        errors: t.errors,
+        server_cpu_percent: {
+            let samples = lock(samples);
+            match samples.as_slice() {
+                [.., a, b] => super::report::cpu_percent(
+                    Duration::from_secs_f64((b.cpu_seconds - a.cpu_seconds).max(0.0)),
+                    b.at.saturating_duration_since(a.at),
+                ),
+                _ => None,
+            }
+        },
+    };
+    *last = (now, t.received_bytes, t.sent_bytes);
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_puts_publishers_first_and_interleaves_rooms() {
+        let mut config = LoadConfig::new("ws://127.0.0.1:1/ws");
+        config.rooms = 2;
+        config.publishers = 2;
+        config.subscribers = 1;
+        let names: Vec<String> = plan(&config).into_iter().map(|s| s.name).collect();
+        assert_eq!(
+            names,
+            ["pub-0-0", "pub-1-0", "pub-0-1", "pub-1-1", "sub-0-0", "sub-1-0"]
+        );
+    }
+
+    #[test]
+    fn probes_only_with_synthetic_media() {
+        let mut config = LoadConfig::new("ws://127.0.0.1:1/ws");
+        assert_eq!(config.measurement(), Measurement::Probes);
+        assert_eq!(config.tracks_per_publisher(), 1);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+        config.media = LoadMedia::Files {
+            video: IvfClip::open(dir.join("testsrc-320x240-30fps.ivf")).unwrap(),
+            audio: Some(OggOpusClip::open(dir.join("sine-440hz-48k.ogg")).unwrap()),
+        };
+        assert_eq!(config.measurement(), Measurement::Rtp);
+        // An audio file publishes audio even without `audio`.
+        assert_eq!(config.tracks_per_publisher(), 2);
+        let slots = plan(&config);
+        let pc = peer_config(&config, "r", &slots[0]);
+        assert!(pc.publish_video && pc.publish_audio && !pc.read_probes);
+        assert!(pc.video_clip.is_some() && pc.audio_clip.is_some());
+        let sub = peer_config(&config, "r", slots.last().unwrap());
+        assert!(!sub.publish_video && !sub.publish_audio);
+    }
+}
