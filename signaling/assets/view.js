@@ -19,7 +19,11 @@ export function initials(name) {
   return (letters.join('') || '?').toUpperCase();
 }
 
-/** A stable hue for a participant, so their avatar keeps its colour. */
+/**
+ * A stable hue for a participant, so their avatar keeps its colour. Keyed by name: ids differ
+ * between one's own page and the others' (one's own tile is drawn before the server names it)
+ * and change on every rejoin, so a person would otherwise wear a different colour on each page.
+ */
 export function hueOf(key) {
   let hue = 0;
   for (const ch of String(key)) hue = (hue * 31 + ch.codePointAt(0)) % 360;
@@ -67,7 +71,7 @@ class Tile {
     data.speaking = String(spec.speaking);
     if (this.name.textContent !== spec.label) this.name.textContent = spec.label;
     this.initials.textContent = initials(spec.name);
-    this.root.style.setProperty('--hue', String(hueOf(spec.local ? spec.name : spec.participantId)));
+    this.root.style.setProperty('--hue', String(hueOf(spec.name)));
     this.root.setAttribute('aria-label', spec.label);
     this.setTrack(spec.videoTrack);
     this.refreshStatus();
