@@ -40,17 +40,21 @@ fn assert_clean_reception(me: &HeadlessPeer, who: &str) {
     }
 }
 
-/// The m-sections of the last subscriber offer `me` received: (direction or "port0", msid).
-fn last_offer_sections(me: &HeadlessPeer) -> Vec<(String, Option<String>)> {
-    let sdp = me
-        .events()
+/// The last subscriber offer `me` received.
+fn last_offer(me: &HeadlessPeer) -> String {
+    me.events()
         .into_iter()
         .rev()
         .find_map(|e| match e {
             ServerMessage::Offer { sdp, .. } => Some(sdp),
             _ => None,
         })
-        .expect("a subscriber offer");
+        .expect("a subscriber offer")
+}
+
+/// The m-sections of the last subscriber offer `me` received: (direction or "port0", msid).
+fn last_offer_sections(me: &HeadlessPeer) -> Vec<(String, Option<String>)> {
+    let sdp = last_offer(me);
     let mut sections: Vec<(String, Option<String>)> = Vec::new();
     for line in sdp.lines() {
         if let Some(m) = line.strip_prefix("m=") {
@@ -72,15 +76,7 @@ fn last_offer_sections(me: &HeadlessPeer) -> Vec<(String, Option<String>)> {
 
 /// Every forwarded track in the offer is `sendonly` with `a=msid` and per-SSRC msid lines.
 fn assert_offer_maps_streams(me: &HeadlessPeer, who: &str) {
-    let sdp = me
-        .events()
-        .into_iter()
-        .rev()
-        .find_map(|e| match e {
-            ServerMessage::Offer { sdp, .. } => Some(sdp),
-            _ => None,
-        })
-        .expect("a subscriber offer");
+    let sdp = last_offer(me);
     for (direction, msid) in last_offer_sections(me) {
         if direction == "sendonly" {
             let msid = msid.unwrap_or_else(|| panic!("{who}: a sending m-section without msid"));

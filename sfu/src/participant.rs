@@ -209,6 +209,18 @@ impl Connection {
         }
     }
 
+    /// Applies our own offer or answer; returns it as sent, with host candidates in it.
+    async fn set_local(
+        &mut self,
+        description: RTCSessionDescription,
+    ) -> Result<String, MediaError> {
+        self.pc
+            .set_local_description(description)
+            .await
+            .map_err(|e| MediaError::Internal(format!("local description not applied: {e}")))?;
+        self.local_sdp().await
+    }
+
     /// The local description once host candidates are in it.
     async fn local_sdp(&mut self) -> Result<String, MediaError> {
         let wait = self.gathered.wait_for(|done| *done);
@@ -465,12 +477,7 @@ impl ParticipantTask {
             .create_answer(None)
             .await
             .map_err(|e| MediaError::InvalidSdp(format!("no answer to this offer: {e}")))?;
-        connection
-            .pc
-            .set_local_description(answer)
-            .await
-            .map_err(|e| MediaError::Internal(format!("answer not applied: {e}")))?;
-        let answer_sdp = connection.local_sdp().await?;
+        let answer_sdp = connection.set_local(answer).await?;
 
         let sections: Vec<PublishedSection> = sdp::media_sections(&sdp)
             .into_iter()
@@ -713,12 +720,7 @@ impl ParticipantTask {
             .create_offer(None)
             .await
             .map_err(|e| MediaError::Internal(format!("create_offer: {e}")))?;
-        connection
-            .pc
-            .set_local_description(offer)
-            .await
-            .map_err(|e| MediaError::Internal(format!("set_local_description: {e}")))?;
-        let sdp = connection.local_sdp().await?;
+        let sdp = connection.set_local(offer).await?;
         self.negotiation = Negotiation::AwaitingAnswer { again: false };
         for down in self.down_tracks.values_mut() {
             if down.state == DownTrackState::Added {
