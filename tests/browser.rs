@@ -17,11 +17,12 @@ mod common;
 
 use cdp::{Browser, CdpError, Page};
 use clap::Parser;
+use client::{HeadlessPeer, PeerConfig};
 use common::start_server;
 use serde_json::Value;
 use signaling::config::ServerConfig;
 use signaling::Server;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Long enough for a cold Chromium and a debug-build server sharing 2 cores; every wait ends
@@ -68,6 +69,19 @@ impl Person {
         let id = id.as_str().unwrap_or_default().to_owned();
         Ok(Person { page, id })
     }
+}
+
+/// Someone in the room as the pages know them: tiles and stats are keyed by participant id,
+/// and labelled with the name.
+trait InTheRoom {
+    fn id(&self) -> &str;
+    fn name(&self) -> &str;
+}
+
+impl InTheRoom for Person {
+    fn id(&self) -> &str {
+        &self.id
+    }
 
     fn name(&self) -> &str {
         &self.page.label
@@ -75,10 +89,10 @@ impl Person {
 }
 
 /// A CSS selector for `who`'s tile of `kind` ("camera" or "screen") on someone else's page.
-fn tile_selector(who: &Person, kind: &str) -> String {
+fn tile_selector(who: &impl InTheRoom, kind: &str) -> String {
     format!(
         "#grid .tile[data-local='false'][data-participant-id='{}'][data-kind='{kind}']",
-        who.id
+        who.id()
     )
 }
 
@@ -90,12 +104,16 @@ fn js(text: &str) -> String {
 /// Waits until `viewer` decodes moving video from `sender`'s `kind` tile: `framesDecoded`
 /// rises by a clear margin, the frame has a size, and the tile shows it live.
 /// Returns the last stats entry.
-async fn wait_for_moving_video(viewer: &Person, sender: &Person, kind: &str) -> Result<Value> {
+async fn wait_for_moving_video(
+    viewer: &Person,
+    sender: &impl InTheRoom,
+    kind: &str,
+) -> Result<Value> {
     let entry = |min_frames: u64| {
         format!(
             "sfuTest.stats().then(list => list.find(s => s.participant_id === {id} && \
              s.kind === {kind} && s.framesDecoded > {min_frames} && s.frameWidth > 0) ?? null)",
-            id = js(&sender.id),
+            id = js(sender.id()),
             kind = js(kind),
         )
     };
@@ -125,7 +143,7 @@ async fn wait_for_moving_video(viewer: &Person, sender: &Person, kind: &str) -> 
 /// Waits until `viewer` sees `attribute` (a `data-*` name) of `sender`'s camera tile at `value`.
 async fn wait_for_tile_attribute(
     viewer: &Person,
-    sender: &Person,
+    sender: &impl InTheRoom,
     attribute: &str,
     value: &str,
 ) -> Result<()> {
@@ -146,7 +164,7 @@ async fn wait_for_tile_attribute(
 }
 
 /// Waits until `viewer`'s page has no tile of `kind` for `sender`.
-async fn wait_for_no_tile(viewer: &Person, sender: &Person, kind: &str) -> Result<()> {
+async fn wait_for_no_tile(viewer: &Person, sender: &impl InTheRoom, kind: &str) -> Result<()> {
     let selector = js(&tile_selector(sender, kind));
     viewer
         .page
@@ -157,6 +175,29 @@ async fn wait_for_no_tile(viewer: &Person, sender: &Person, kind: &str) -> Resul
         )
         .await
         .map(drop)
+}
+
+/// The real VP8 clip the headless client publishes (ffmpeg's testsrc pattern; see its README).
+const IVF_CLIP: &str = "../client/testdata/testsrc-320x240-30fps.ivf";
+/// The clip's frame size: the SFU forwards without transcoding, so pages decode exactly this.
+const IVF_SIZE: (u64, u64) = (320, 240);
+/// Its sound (a 440 Hz sine, Opus).
+const OGG_CLIP: &str = "../client/testdata/sine-440hz-48k.ogg";
+
+/// A headless client from `client/` in the call, publishing real media from files.
+struct HeadlessGuest {
+    peer: HeadlessPeer,
+    name: String,
+}
+
+impl InTheRoom for HeadlessGuest {
+    fn id(&self) -> &str {
+        self.peer.participant_id()
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 /// Where the test saves its screenshot of the call.
@@ -234,6 +275,11 @@ async fn call_in_three_windows(browser: &Browser, server: Server) -> Result<()> 
         stopping_the_share_removes_its_tile(&bob, &[&ada, &cy]),
     )
     .await?;
+    step(
+        "a headless client's IVF video plays on every page",
+        headless_client_video_plays(&server, &[&ada, &bob, &cy]),
+    )
+    .await?;
     let server = step(
         "every page rejoins after a server restart",
         pages_rejoin_after_a_restart(server, &mut [&mut ada, &mut bob, &mut cy]),
@@ -249,7 +295,7 @@ async fn everyone_sees_everyone(everyone: &[&Person]) -> Result<()> {
     for viewer in everyone {
         for sender in everyone {
             if viewer.id != sender.id {
-                wait_for_moving_video(viewer, sender, "camera").await?;
+                wait_for_moving_video(viewer, *sender, "camera").await?;
             }
         }
         viewer
@@ -526,4 +572,58 @@ async fn pages_rejoin_after_a_restart(
     let everyone: Vec<&Person> = everyone.iter().map(|person| &**person).collect();
     everyone_sees_everyone(&everyone).await?;
     Ok(server)
+}
+
+/// A headless client joins publishing the IVF clip (and the Ogg sound): every page decodes its
+/// video, moving, at the clip's own size. When it leaves, its tile goes from every page.
+async fn headless_client_video_plays(server: &Server, viewers: &[&Person]) -> Result<()> {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let name = "Headless";
+    let url = format!("ws://{}/ws", server.addr);
+    let mut config = PeerConfig::new(url, ROOM, name)
+        .video_file(manifest_dir.join(IVF_CLIP))
+        .and_then(|config| config.audio_file(manifest_dir.join(OGG_CLIP)))
+        .map_err(|e| CdpError(format!("loading the client's test media: {e}")))?;
+    // Everyone else sends real media too: no synthetic probes to read in it.
+    config.read_probes = false;
+    let guest = HeadlessGuest {
+        peer: HeadlessPeer::join(config)
+            .await
+            .map_err(|e| CdpError(format!("the headless client could not join: {e}")))?,
+        name: name.to_owned(),
+    };
+    for viewer in viewers {
+        let stats = wait_for_moving_video(viewer, &guest, "camera").await?;
+        let size = (
+            stats["frameWidth"].as_u64().unwrap_or_default(),
+            stats["frameHeight"].as_u64().unwrap_or_default(),
+        );
+        if size != IVF_SIZE {
+            return fail(format!(
+                "{} decodes the clip at {}x{}, not {}x{}",
+                viewer.name(),
+                size.0,
+                size.1,
+                IVF_SIZE.0,
+                IVF_SIZE.1
+            ));
+        }
+    }
+    let id = guest.id().to_owned();
+    guest
+        .peer
+        .leave()
+        .await
+        .map_err(|e| CdpError(format!("the headless client could not leave: {e}")))?;
+    for viewer in viewers {
+        viewer
+            .page
+            .wait_for(
+                &format!("!document.querySelector(\"#grid .tile[data-participant-id='{id}']\")"),
+                WAIT,
+                "the headless client's tile to disappear",
+            )
+            .await?;
+    }
+    Ok(())
 }
