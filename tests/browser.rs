@@ -2,8 +2,9 @@
 //! use it: three people open the room's link and each sees the other two's live video; chat
 //! reaches everyone; muting shows on the others' tiles and video comes back on unmute; a screen
 //! share appears as its own tile (also for someone who joins while it runs); leaving removes
-//! the leaver's tile and rejoining from the form brings it back; and after a server restart
-//! every page rejoins by itself. One Chromium (a window per person) and one in-process server,
+//! the leaver's tile and rejoining from the form brings it back; a headless client from
+//! `client/` publishing a real VP8 clip plays on every page; and after a server restart every
+//! page rejoins by itself. One Chromium (a window per person) and one in-process server,
 //! everything on 127.0.0.1.
 //!
 //! Chromium's fake camera draws a moving pattern, so "live video" is measured, not assumed:
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 /// as soon as its condition holds.
 const WAIT: Duration = Duration::from_secs(20);
 /// Decoded frames that must be added after the first one before video counts as moving
-/// (a third of a second at the fake camera's 30 fps).
+/// (under a second at any of the sources' 15–30 fps).
 const FRAMES_THAT_PROVE_MOTION: u64 = 10;
 const ROOM: &str = "browser-call";
 
@@ -205,6 +206,11 @@ fn screenshot_path() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser/three-way-call.png")
 }
 
+/// Where a failing run leaves a screenshot of every page.
+fn failure_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser/failure")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_page_works_in_chromium() {
     let Some(chromium) = cdp::chromium_or_skip() else {
@@ -215,11 +221,16 @@ async fn call_page_works_in_chromium() {
         .await
         .unwrap_or_else(|e| panic!("Chromium did not start: {e}"));
     let outcome = call_in_three_windows(&browser, server).await;
-    let stderr = browser.stderr_tail();
-    browser.close().await;
     if let Err(e) = outcome {
-        panic!("{e}\n--- Chromium's last stderr lines ---\n{stderr}");
+        let screenshots = browser.screenshot_every_page(&failure_dir()).await;
+        let stderr = browser.stderr_tail();
+        browser.close().await;
+        panic!(
+            "{e}\n--- what each page showed ---\n{screenshots}\n\
+             --- Chromium's last stderr lines ---\n{stderr}"
+        );
     }
+    browser.close().await;
 }
 
 /// Runs one part of the story, naming it in the error and printing how long it took.
@@ -230,6 +241,7 @@ async fn step<T>(name: &str, part: impl std::future::Future<Output = Result<T>>)
     outcome
 }
 
+/// The whole story, in the order a call goes; each step leaves the call as the next expects.
 async fn call_in_three_windows(browser: &Browser, server: Server) -> Result<()> {
     let base = format!("http://{}", server.addr);
     let (mut ada, mut bob, mut cy) = step("three people join through the link", async {

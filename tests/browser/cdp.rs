@@ -80,6 +80,8 @@ struct Connection {
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<Value>>>>,
     /// Console errors and exceptions per session id, newest last.
     logs: Mutex<HashMap<String, Vec<String>>>,
+    /// Every page opened, as (label, session id), so a failing test can show them all.
+    pages: Mutex<Vec<(String, String)>>,
     /// Ids for commands; the protocol only needs them unique per connection.
     next_id: AtomicU64,
 }
@@ -259,6 +261,7 @@ impl Browser {
             outgoing,
             pending: Mutex::new(HashMap::new()),
             logs: Mutex::new(HashMap::new()),
+            pages: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
         });
         tokio::spawn(async move {
@@ -312,6 +315,11 @@ impl Browser {
             .as_str()
             .ok_or_else(|| err("Target.attachToTarget returned no sessionId"))?
             .to_owned();
+        self.connection
+            .pages
+            .lock()
+            .unwrap()
+            .push((label.to_owned(), session_id.clone()));
         let page = Page {
             connection: Arc::clone(&self.connection),
             label: label.to_owned(),
@@ -331,6 +339,23 @@ impl Browser {
         )
         .await?;
         Ok(page)
+    }
+
+    /// Saves a screenshot of every page opened, as `<dir>/<label>.png`, and returns where each
+    /// went (or why it could not be taken), one line per page: what each person saw when a
+    /// test failed.
+    pub async fn screenshot_every_page(&self, dir: &Path) -> String {
+        let pages = self.connection.pages.lock().unwrap().clone();
+        let mut lines = Vec::new();
+        for (label, session_id) in pages {
+            let path = dir.join(format!("{label}.png"));
+            let line = match capture_png(&self.connection, &session_id, &path).await {
+                Ok(()) => path.display().to_string(),
+                Err(e) => format!("{label}: no screenshot: {e}"),
+            };
+            lines.push(line);
+        }
+        lines.join("\n")
     }
 
     /// The last lines Chromium printed, for diagnosing a browser that misbehaves.
@@ -492,17 +517,9 @@ impl Page {
 
     /// Saves a PNG of what the page shows now.
     pub async fn screenshot(&self, path: &Path) -> Result<()> {
-        let shot = self
-            .call("Page.captureScreenshot", json!({ "format": "png" }))
-            .await?;
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(shot["data"].as_str().unwrap_or_default())
-            .map_err(|e| err(format!("{}: screenshot is not base64: {e}", self.label)))?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
-        }
-        std::fs::write(path, png).map_err(|e| err(format!("writing {}: {e}", path.display())))
+        capture_png(&self.connection, &self.session_id, path)
+            .await
+            .map_err(|e| err(format!("{}: {e}", self.label)))
     }
 
     /// The console errors, warnings and exceptions this page produced, one per line.
@@ -515,6 +532,25 @@ impl Page {
             .map(|lines| lines.join("\n"))
             .unwrap_or_default()
     }
+}
+
+/// Captures what the page of `session_id` shows as a PNG file at `path`.
+async fn capture_png(connection: &Connection, session_id: &str, path: &Path) -> Result<()> {
+    let shot = connection
+        .call(
+            Some(session_id),
+            "Page.captureScreenshot",
+            json!({ "format": "png" }),
+        )
+        .await?;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap_or_default())
+        .map_err(|e| err(format!("the screenshot is not base64: {e}")))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
+    }
+    std::fs::write(path, png).map_err(|e| err(format!("writing {}: {e}", path.display())))
 }
 
 /// JavaScript truthiness of a JSON value.
