@@ -22,7 +22,7 @@ pub const STALL_AFTER: Duration = Duration::from_secs(2);
 /// Tester CPU (share of all cores) above which the tester may be what limits the numbers.
 pub const TESTER_CPU_WARN_SHARE: f64 = 0.6;
 
-/// Tester plus server CPU (share of all cores) above which the machine was saturated.
+/// Machine CPU (share of all cores, every process) above which the machine was saturated.
 pub const MACHINE_CPU_WARN_SHARE: f64 = 0.9;
 
 /// What a peer does in the room.
@@ -161,6 +161,17 @@ pub struct UsageSample {
     pub cpu: Duration,
 }
 
+/// The whole machine's CPU time at one moment, in clock ticks summed over cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineCpu {
+    /// Ticks spent on anything but idling.
+    pub busy_ticks: u64,
+    /// All ticks.
+    pub total_ticks: u64,
+    /// CPUs the machine has (the ticks are summed over them).
+    pub cores: usize,
+}
+
 /// The tester's own usage.
 #[derive(Debug, Clone, Copy)]
 pub struct TesterInput {
@@ -174,6 +185,8 @@ pub struct TesterInput {
     pub max_rss_bytes: u64,
     /// CPU cores of this machine.
     pub cores: usize,
+    /// The machine's CPU time when the hold began and at the end, where readable.
+    pub machine: Option<(MachineCpu, MachineCpu)>,
 }
 
 /// Everything the report is computed from.
@@ -274,9 +287,9 @@ pub struct TrackSummary {
 pub struct BitrateSummary {
     /// Sum over all joined peers.
     pub total: f64,
-    /// Mean per peer.
+    /// Mean per peer that had something to receive.
     pub per_peer_mean: f64,
-    /// Lowest per peer.
+    /// Lowest of those.
     pub per_peer_min: f64,
     /// What each peer should have received on average: the send bitrate of the publishers it
     /// subscribes to.
@@ -338,8 +351,16 @@ pub struct ServerSummary {
     pub cpu_percent_avg: Option<f64>,
     /// CPU while the full load was held, percent of one core.
     pub cpu_percent_hold: Option<f64>,
-    /// Highest CPU between two consecutive readings, percent of one core.
+    /// Highest CPU over any window of at least `peak_window_s`, percent of one core.
     pub cpu_percent_peak: Option<f64>,
+    /// The shortest window the peak is taken over, seconds: ten steps of the CPU counter, and
+    /// at least one second.
+    pub peak_window_s: f64,
+    /// The step of the server's CPU counter, seconds (1 when it only reports whole seconds,
+    /// as the Rust prometheus crate's process collector does).
+    pub cpu_counter_step_s: f64,
+    /// How far `cpu_percent_avg` can be off because of that step, percentage points.
+    pub cpu_percent_avg_error: Option<f64>,
     /// RSS at the first reading, bytes.
     pub rss_bytes_start: Option<f64>,
     /// RSS at the last reading, bytes.
@@ -365,6 +386,11 @@ pub struct TesterSummary {
     pub cpu_percent_per_peer: Option<f64>,
     /// Peak resident memory of the tester, bytes.
     pub max_rss_bytes: u64,
+    /// How busy the whole machine was while the load was held (every process: tester,
+    /// server if local, anything else), percent of one core (at most `machine_cores * 100`).
+    pub machine_cpu_percent_hold: Option<f64>,
+    /// CPUs of the machine (may exceed `cores` when this process is confined to fewer).
+    pub machine_cores: Option<usize>,
 }
 
 /// One peer in the report.
@@ -531,18 +557,32 @@ fn summarize_server(input: &ServerInput, hold_started: Option<Instant>) -> Serve
             b.at.saturating_duration_since(a.at),
         )
     };
+    let step = cpu_counter_step(samples);
     let avg = match (samples.first(), samples.last()) {
         (Some(a), Some(b)) if samples.len() >= 2 => rate(a, b),
         _ => None,
+    };
+    let span = match (samples.first(), samples.last()) {
+        (Some(a), Some(b)) => b.at.saturating_duration_since(a.at).as_secs_f64(),
+        _ => 0.0,
     };
     let hold = hold_started.and_then(|h| {
         let first = samples.iter().find(|s| s.at >= h)?;
         let last = samples.last()?;
         (last.at > first.at).then(|| rate(first, last)).flatten()
     });
+    // A window as short as one counter step would read 0% or 100%: take the peak over windows
+    // of at least ten steps.
+    let window = Duration::from_secs_f64((10.0 * step).max(1.0));
     let peak = samples
-        .windows(2)
-        .filter_map(|w| rate(&w[0], &w[1]))
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            let b = samples[i + 1..]
+                .iter()
+                .find(|b| b.at.saturating_duration_since(a.at) >= window)?;
+            rate(a, b)
+        })
         .max_by(f64::total_cmp);
     ServerSummary {
         metrics_url: input.metrics_url.clone(),
@@ -550,10 +590,24 @@ fn summarize_server(input: &ServerInput, hold_started: Option<Instant>) -> Serve
         cpu_percent_avg: avg,
         cpu_percent_hold: hold,
         cpu_percent_peak: peak,
+        peak_window_s: window.as_secs_f64(),
+        cpu_counter_step_s: step,
+        cpu_percent_avg_error: (avg.is_some() && span > 0.0).then(|| step * 100.0 / span),
         rss_bytes_start: samples.first().map(|s| s.rss_bytes),
         rss_bytes_end: samples.last().map(|s| s.rss_bytes),
         rss_bytes_peak: samples.iter().map(|s| s.rss_bytes).max_by(f64::total_cmp),
         error: input.error.clone(),
+    }
+}
+
+/// The step of a CPU-seconds counter: 1 s if every reading is a whole number (a counter that
+/// only counts whole seconds), else the 10 ms of a Linux clock tick.
+pub fn cpu_counter_step(samples: &[MetricsSample]) -> f64 {
+    let whole = samples.iter().all(|s| s.cpu_seconds.fract() == 0.0);
+    if whole && samples.len() >= 2 {
+        1.0
+    } else {
+        0.01
     }
 }
 
@@ -671,7 +725,8 @@ impl LoadReport {
                 summary.join_time_ms = Some(ms);
                 join_times.push(ms);
             }
-            summary.receive_bitrate_bps = received.iter().map(|s| track_bitrate(s, end)).sum();
+            summary.receive_bitrate_bps =
+                received.iter().map(|s| track_bitrate(s, end)).sum::<f64>() + 0.0;
             let (mut lost, mut packets) = (0, 0);
             let mut peer_latency = LatencyHistogram::default();
             let mut jitters = Vec::new();
@@ -701,8 +756,12 @@ impl LoadReport {
             if summary.tracks_received == summary.tracks_expected {
                 peers_complete += 1;
             }
-            receive_rates.push(summary.receive_bitrate_bps);
-            expected_rates.push(expected_rate);
+            // Peers with nothing to receive (a lone publisher) would drag the mean and the
+            // minimum to zero.
+            if summary.tracks_expected > 0 {
+                receive_rates.push(summary.receive_bitrate_bps);
+                expected_rates.push(expected_rate);
+            }
             peers.push(summary);
         }
 
@@ -735,7 +794,8 @@ impl LoadReport {
             packets_lost: lost_total,
             loss_pct: loss_pct(lost_total, packets_expected_total),
             receive_bitrate_bps: BitrateSummary {
-                total: receive_rates.iter().sum(),
+                // `sum` of no floats is -0.0, which would print as "-0".
+                total: receive_rates.iter().sum::<f64>() + 0.0,
                 per_peer_mean: mean(&receive_rates).unwrap_or(0.0),
                 per_peer_min: receive_rates
                     .iter()
@@ -745,7 +805,7 @@ impl LoadReport {
                 expected_per_peer_mean: mean(&expected_rates).unwrap_or(0.0),
             },
             send_bitrate_bps: SendSummary {
-                total: send_rates.iter().sum(),
+                total: send_rates.iter().sum::<f64>() + 0.0,
                 per_publisher_mean: mean(&send_rates).unwrap_or(0.0),
             },
             jitter_ms: all_jitter.max_by(f64::total_cmp).map(|max| JitterSummary {
@@ -780,6 +840,12 @@ impl LoadReport {
                 .filter(|_| !joined.is_empty())
                 .map(|c| c / joined.len() as f64),
             max_rss_bytes: t.max_rss_bytes,
+            machine_cores: t.machine.map(|(_, b)| b.cores),
+            machine_cpu_percent_hold: t.machine.and_then(|(a, b)| {
+                let total = b.total_ticks.saturating_sub(a.total_ticks);
+                let busy = b.busy_ticks.saturating_sub(a.busy_ticks);
+                (total > 0).then(|| busy as f64 * 100.0 * b.cores as f64 / total as f64)
+            }),
         };
 
         let join_phase_end = input.hold_started.unwrap_or(end);
@@ -924,12 +990,19 @@ impl LoadReport {
         let _ = writeln!(out, "  measured    {}", m.note);
         let s = &self.server;
         if s.samples >= 2 {
+            let error = s
+                .cpu_percent_avg_error
+                .filter(|e| *e >= 0.5)
+                .map_or(String::new(), |e| {
+                    format!(" (+-{e:.0}: the counter counts whole seconds)")
+                });
             let _ = writeln!(
                 out,
-                "  server      CPU {} avg, {} while held, {} peak (% of one core); RSS {} -> {} (peak {})",
+                "  server      CPU {} avg{error}, {} while held, {} peak over {:.0} s (% of one core); RSS {} -> {} (peak {})",
                 fmt_opt_pct(s.cpu_percent_avg),
                 fmt_opt_pct(s.cpu_percent_hold),
                 fmt_opt_pct(s.cpu_percent_peak),
+                s.peak_window_s,
                 fmt_opt_bytes(s.rss_bytes_start),
                 fmt_opt_bytes(s.rss_bytes_end),
                 fmt_opt_bytes(s.rss_bytes_peak)
@@ -946,39 +1019,64 @@ impl LoadReport {
         let te = &self.tester;
         let _ = writeln!(
             out,
-            "  tester      CPU {} avg, {} while held = {} of a core per peer ({} peers, {} cores); RSS peak {}",
+            "  tester      CPU {} avg, {} while held = {} of a core per peer ({} peers); RSS peak {}",
             fmt_opt_pct(Some(te.cpu_percent_avg)),
             fmt_opt_pct(te.cpu_percent_hold),
             te.cpu_percent_per_peer
                 .map_or("n/a".to_owned(), |p| format!("{p:.2}%")),
             te.peers,
-            te.cores,
             fmt_opt_bytes(Some(te.max_rss_bytes as f64))
         );
-        let problems: Vec<&PeerSummary> = self
+        if let (Some(busy), Some(cores)) = (te.machine_cpu_percent_hold, te.machine_cores) {
+            let _ = writeln!(
+                out,
+                "  machine     {busy:.0}% CPU busy of {}% ({cores} cores) while held, every process counted",
+                cores * 100
+            );
+        }
+        // Failures grouped by reason: a full room fails a hundred joins the same way.
+        let mut reasons: Vec<(&str, Vec<&str>)> = Vec::new();
+        for p in &self.peers {
+            let Some(reason) = &p.failure else { continue };
+            match reasons.iter_mut().find(|(r, _)| r == reason) {
+                Some((_, names)) => names.push(&p.name),
+                None => reasons.push((reason, vec![&p.name])),
+            }
+        }
+        for (reason, names) in &reasons {
+            let more = names.len().saturating_sub(3);
+            let shown = names[..names.len().min(3)].join(", ");
+            let shown = if more > 0 {
+                format!("{shown} and {more} more")
+            } else {
+                shown
+            };
+            let _ = writeln!(
+                out,
+                "  ! {} join(s) failed: {reason} ({shown})",
+                names.len()
+            );
+        }
+        let incomplete: Vec<&PeerSummary> = self
             .peers
             .iter()
             .filter(|p| {
-                p.status == "failed"
-                    || (p.status == "joined"
-                        && (p.tracks_received < p.tracks_expected || p.tracks_stalled > 0))
+                p.status == "joined"
+                    && (p.tracks_received < p.tracks_expected || p.tracks_stalled > 0)
             })
             .collect();
-        for p in problems.iter().take(10) {
-            let what = match &p.failure {
-                Some(reason) => format!("join failed: {reason}"),
-                None => format!(
-                    "{}/{} tracks, {} stalled",
-                    p.tracks_received, p.tracks_expected, p.tracks_stalled
-                ),
-            };
-            let _ = writeln!(out, "  ! {:<14} {what}", p.name);
-        }
-        if problems.len() > 10 {
+        for p in incomplete.iter().take(10) {
             let _ = writeln!(
                 out,
-                "  ! ... and {} more peers (see --json)",
-                problems.len() - 10
+                "  ! {:<14} {}/{} tracks, {} stalled",
+                p.name, p.tracks_received, p.tracks_expected, p.tracks_stalled
+            );
+        }
+        if incomplete.len() > 10 {
+            let _ = writeln!(
+                out,
+                "  ! ... and {} more peers missing tracks (see --json)",
+                incomplete.len() - 10
             );
         }
         for w in &self.verdict.warnings {
@@ -1033,13 +1131,14 @@ fn verdict(
                  run fewer peers per tester process or the tester on another machine"
             ));
         }
-        if let Some(server_cpu) = server.cpu_percent_hold {
-            if cpu + server_cpu >= MACHINE_CPU_WARN_SHARE * capacity {
-                warnings.push(format!(
-                    "tester and server together used {:.0}% CPU of {capacity:.0}%: the machine was saturated",
-                    cpu + server_cpu
-                ));
-            }
+    }
+    if let (Some(busy), Some(cores)) = (tester.machine_cpu_percent_hold, tester.machine_cores) {
+        let capacity = cores as f64 * 100.0;
+        if busy >= MACHINE_CPU_WARN_SHARE * capacity {
+            warnings.push(format!(
+                "the machine's CPUs were {busy:.0}% busy of {capacity:.0}% while the load was held \
+                 (every process counted): latency and loss may reflect the machine, not the server"
+            ));
         }
     }
     if server.samples < 2 {
@@ -1234,6 +1333,18 @@ mod tests {
                 },
                 max_rss_bytes: 50 << 20,
                 cores: 2,
+                machine: Some((
+                    MachineCpu {
+                        busy_ticks: 1000,
+                        total_ticks: 10_000,
+                        cores: 2,
+                    },
+                    MachineCpu {
+                        busy_ticks: 1900,
+                        total_ticks: 11_000,
+                        cores: 2,
+                    },
+                )),
             },
         }
     }
@@ -1308,6 +1419,7 @@ mod tests {
         assert_eq!(r.per_peer_min, 500_000.0);
         assert_eq!(r.total, 2_000_000.0);
         assert_eq!(r.per_peer_mean, 2_000_000.0 / 3.0);
+        assert_eq!(r.per_peer_min, 500_000.0);
         // Each publisher sent 625_000 bytes over 10 s = 500 kbit/s.
         assert_eq!(report.media.send_bitrate_bps.total, 1_000_000.0);
         assert_eq!(
@@ -1322,13 +1434,25 @@ mod tests {
             report.media.jitter_ms.as_ref().unwrap().video_mean,
             Some(2.0)
         );
-        // Server: 2 s CPU over 10 s = 20%; while held 1.8 s over 9 s = 20%; peak 20% and 20%.
-        assert!((report.server.cpu_percent_avg.unwrap() - 20.0).abs() < 1e-9);
-        assert!((report.server.cpu_percent_hold.unwrap() - 20.0).abs() < 1e-9);
-        assert_eq!(report.server.rss_bytes_peak, Some(3e6));
+        // Server: 2 s CPU over 10 s = 20%; while held 1.8 s over 9 s = 20%. The counter has
+        // fractions, so its step is a clock tick and the peak is over 1 s windows: the
+        // first (0.2 s over 1 s) and, from the second reading, 1.8 s over 9 s.
+        let server = &report.server;
+        assert!((server.cpu_percent_avg.unwrap() - 20.0).abs() < 1e-9);
+        assert!((server.cpu_percent_hold.unwrap() - 20.0).abs() < 1e-9);
+        assert!((server.cpu_percent_peak.unwrap() - 20.0).abs() < 1e-9);
+        assert_eq!(
+            (server.cpu_counter_step_s, server.peak_window_s),
+            (0.01, 1.0)
+        );
+        assert!((server.cpu_percent_avg_error.unwrap() - 0.1).abs() < 1e-9);
+        assert_eq!(server.rss_bytes_peak, Some(3e6));
         // Tester: 0.9 s over 9 s held = 10%, over 3 peers.
         assert!((report.tester.cpu_percent_hold.unwrap() - 10.0).abs() < 1e-9);
         assert!((report.tester.cpu_percent_per_peer.unwrap() - 10.0 / 3.0).abs() < 1e-9);
+        // The machine: 900 of 1000 ticks busy on 2 cores = 180% of one core, a warning.
+        assert_eq!(report.tester.machine_cpu_percent_hold, Some(180.0));
+        assert!(report.verdict.warnings[0].contains("180% busy of 200%"));
         assert!(report.verdict.pass, "{:?}", report.verdict);
         assert_eq!(
             report.verdict.line,
@@ -1394,7 +1518,42 @@ mod tests {
             report.verdict.line,
             "FAIL: 1 of 3 joins failed; 1 tracks stalled"
         );
-        assert!(report.to_text().contains("join failed: timed out"));
+        let text = report.to_text();
+        assert!(
+            text.contains("! 1 join(s) failed: timed out waiting for joined (pub-0-1)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("! sub-0-0        1/1 tracks, 1 stalled"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_whole_second_cpu_counter_widens_the_peak_window() {
+        let base = Instant::now();
+        // One reading a second for 30 s of a server using 25% of a core, as a counter of whole
+        // seconds shows it: 0, 0, 0, 0, 1, 1, ...
+        let samples: Vec<MetricsSample> = (0..=30u64)
+            .map(|i| MetricsSample {
+                at: base + Duration::from_secs(i),
+                cpu_seconds: (i / 4) as f64,
+                rss_bytes: 1e6,
+            })
+            .collect();
+        assert_eq!(cpu_counter_step(&samples), 1.0);
+        let input = ServerInput {
+            metrics_url: None,
+            samples,
+            error: None,
+        };
+        let s = summarize_server(&input, None);
+        assert_eq!(s.peak_window_s, 10.0);
+        // Any 10 s window holds 2 or 3 whole seconds: the peak is 30%, not the 100% a 1 s
+        // window would show.
+        assert_eq!(s.cpu_percent_peak, Some(30.0));
+        assert!((s.cpu_percent_avg.unwrap() - 700.0 / 30.0).abs() < 1e-9);
+        assert!((s.cpu_percent_avg_error.unwrap() - 100.0 / 30.0).abs() < 1e-9);
     }
 
     #[test]

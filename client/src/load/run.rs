@@ -336,6 +336,7 @@ pub async fn run_load(
     let started = Instant::now();
     let tester_start = usage::sample();
     let mut tester_hold = None;
+    let mut machine_at_hold = None;
     let mut hold_started: Option<Instant> = None;
     let mut interrupted = false;
 
@@ -355,6 +356,7 @@ pub async fn run_load(
         if !joining && hold_started.is_none() {
             hold_started = Some(Instant::now());
             tester_hold = Some(usage::sample());
+            machine_at_hold = usage::machine_cpu();
         }
         let deadline = hold_end(hold_started);
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -416,6 +418,7 @@ pub async fn run_load(
 
     let ended = Instant::now();
     let tester_end = usage::sample();
+    let machine_at_end = usage::machine_cpu();
     let (_, max_rss_bytes) = usage::self_usage();
     let _ = stop_sampler.send(true);
     if let Some(sampler) = sampler {
@@ -515,6 +518,7 @@ pub async fn run_load(
             end: tester_end,
             max_rss_bytes,
             cores: usage::cores(),
+            machine: machine_at_hold.zip(machine_at_end),
         },
     })
 }

@@ -1,10 +1,11 @@
 //! The tester's own cost: CPU time (user + system) and peak resident memory of this process,
 //! from `getrusage(RUSAGE_SELF)`, so a report can show that the tester was not the bottleneck
-//! it set out to measure.
+//! it set out to measure; and how busy the whole machine was (`/proc/stat`), since a server and
+//! tester sharing a busy machine measure the machine.
 
 use std::time::{Duration, Instant};
 
-use super::report::UsageSample;
+use super::report::{MachineCpu, UsageSample};
 
 /// CPU time used by this process so far, and its peak resident memory in bytes.
 pub fn self_usage() -> (Duration, u64) {
@@ -30,6 +31,35 @@ pub fn sample() -> UsageSample {
     }
 }
 
+/// The machine's CPU time so far, from the first line of `/proc/stat` (`None` where there is
+/// no such file).
+pub fn machine_cpu() -> Option<MachineCpu> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_proc_stat(&stat)
+}
+
+/// Busy and total clock ticks from the text of `/proc/stat`: idle and iowait count as idle.
+pub fn parse_proc_stat(stat: &str) -> Option<MachineCpu> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4).unwrap_or(&0);
+    let cores = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
+    Some(MachineCpu {
+        busy_ticks: total - idle,
+        total_ticks: total,
+        cores: cores.max(1),
+    })
+}
+
 /// CPU cores available to this process.
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -38,6 +68,16 @@ pub fn cores() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_stat_is_read() {
+        let stat = "cpu  100 5 50 800 20 3 2 0 0 0\ncpu0 50 2 25 400 10 1 1 0 0 0\n";
+        let cpu = parse_proc_stat(stat).unwrap();
+        assert_eq!((cpu.busy_ticks, cpu.total_ticks, cpu.cores), (160, 980, 1));
+        assert!(parse_proc_stat("intr 1 2 3").is_none());
+        let here = machine_cpu().expect("Linux has /proc/stat");
+        assert!(here.total_ticks >= here.busy_ticks);
+    }
 
     #[test]
     fn busy_work_shows_up_as_cpu_time() {
