@@ -54,6 +54,7 @@ const DOCUMENTED_FIELDS: &[&str] = &[
     "media.receive_bitrate_bps.expected_per_peer_mean",
     "media.send_bitrate_bps.total",
     "media.send_bitrate_bps.per_publisher_mean",
+    "media.send_bitrate_bps.video_per_publisher_mean",
     "media.jitter_ms.audio_mean",
     "media.jitter_ms.video_mean",
     "media.jitter_ms.max",
@@ -256,6 +257,25 @@ async fn a_stop_mid_run_reports_so_far_and_everyone_leaves() {
         .warnings
         .iter()
         .any(|w| w.contains("interrupted")));
+    assert_everyone_left(&server).await;
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_join_tokens_admits_the_tester_only_with_its_secret() {
+    let server = start_server(&["--auth-secret", "load-test-secret"]).await;
+    let mut without = config(&server, 1, 1, 1);
+    without.duration = Duration::from_secs(1);
+    let refused = run_load(without, std::future::pending(), |_| {}).await;
+    assert_eq!(refused.joins.failed, 2, "{}", refused.to_text());
+    assert!(refused.joins.failures[0].reason.contains("unauthorized"));
+    assert!(!refused.verdict.pass);
+
+    let mut with = config(&server, 1, 1, 1);
+    with.duration = Duration::from_secs(2);
+    with.auth_secret = Some(signaling::auth::Secret::new("load-test-secret").unwrap());
+    let report = run_load(with, std::future::pending(), |_| {}).await;
+    assert_clean_run(&report, 2);
     assert_everyone_left(&server).await;
     server.shutdown(Duration::from_secs(5)).await;
 }

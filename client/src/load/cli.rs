@@ -59,6 +59,14 @@ pub struct Args {
     /// How long one join may take before it counts as failed, e.g. `10s`.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub join_timeout: Duration,
+    /// The server's join-token secret (its --auth-secret): each peer gets a token for its room
+    /// and name; subscribers' tokens do not allow publishing.
+    #[arg(long, env = "SFU_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<signaling::auth::Secret>,
+    /// Local address peers bind for media: 127.0.0.1 for a server on this machine, else an
+    /// address of this machine that reaches the server.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub local_ip: std::net::IpAddr,
 }
 
 /// `30s`, `2m`, `1h30m`, `500ms`; a bare number means seconds.
@@ -166,6 +174,8 @@ impl Args {
             room_prefix: self.room_prefix.clone(),
             metrics_url: self.metrics_url.clone(),
             join_timeout: self.join_timeout,
+            local_ip: self.local_ip,
+            auth_secret: self.auth_secret.clone(),
         })
     }
 }

@@ -22,6 +22,10 @@ pub const STALL_AFTER: Duration = Duration::from_secs(2);
 /// Tester CPU (share of all cores) above which the tester may be what limits the numbers.
 pub const TESTER_CPU_WARN_SHARE: f64 = 0.6;
 
+/// Publishers' synthetic video below this share of the configured bitrate means the tester fell
+/// behind.
+pub const SEND_SHORTFALL_SHARE: f64 = 0.9;
+
 /// Machine CPU (share of all cores, every process) above which the machine was saturated.
 pub const MACHINE_CPU_WARN_SHARE: f64 = 0.9;
 
@@ -303,6 +307,9 @@ pub struct SendSummary {
     pub total: f64,
     /// Mean per publisher.
     pub per_publisher_mean: f64,
+    /// Mean video bitrate per publisher (compare with `config.video_bitrate_bps` for
+    /// synthetic media: less means the tester could not send what it was asked to).
+    pub video_per_publisher_mean: f64,
 }
 
 /// Jitter over received tracks.
@@ -625,20 +632,20 @@ impl LoadReport {
             })
             .collect();
 
-        // Send bitrate of every joined publisher, by participant id.
+        // Send bitrate of every joined publisher, by participant id, and of its video alone.
         let mut send_by_publisher = std::collections::HashMap::new();
+        let mut video_send_rates = Vec::new();
         for (record, peer) in &joined {
             if record.role == Role::Publisher {
-                let rate: f64 = peer
-                    .stats
-                    .sent
-                    .values()
-                    .map(|s| match s.first_sent_at {
-                        Some(first) => bitrate_bps(s.bytes, end.saturating_duration_since(first)),
-                        None => 0.0,
-                    })
-                    .sum();
+                let rate_of = |s: &crate::stats::SentStats| match s.first_sent_at {
+                    Some(first) => bitrate_bps(s.bytes, end.saturating_duration_since(first)),
+                    None => 0.0,
+                };
+                let rate: f64 = peer.stats.sent.values().map(rate_of).sum();
                 send_by_publisher.insert(peer.participant_id.as_str(), rate);
+                if let Some(video) = peer.stats.sent.get(&crate::TrackKind::Video) {
+                    video_send_rates.push(rate_of(video));
+                }
             }
         }
 
@@ -807,6 +814,7 @@ impl LoadReport {
             send_bitrate_bps: SendSummary {
                 total: send_rates.iter().sum::<f64>() + 0.0,
                 per_publisher_mean: mean(&send_rates).unwrap_or(0.0),
+                video_per_publisher_mean: mean(&video_send_rates).unwrap_or(0.0),
             },
             jitter_ms: all_jitter.max_by(f64::total_cmp).map(|max| JitterSummary {
                 audio_mean: mean(&audio_jitter),
@@ -858,7 +866,14 @@ impl LoadReport {
                 .map_or(0.0, |h| end.saturating_duration_since(h).as_secs_f64()),
             interrupted: input.interrupted,
         };
-        let verdict = verdict(&joins, &tracks, &media, &server, &tester, &run);
+        let shortfall = (measurement == Measurement::Probes && run_holds(&input))
+            .then(|| {
+                let asked = f64::from(input.config.video_bitrate_bps);
+                let sent = media.send_bitrate_bps.video_per_publisher_mean;
+                (sent > 0.0 && sent < SEND_SHORTFALL_SHARE * asked).then_some((sent, asked))
+            })
+            .flatten();
+        let verdict = verdict(&joins, &tracks, &media, &server, &tester, &run, shortfall);
         LoadReport {
             schema_version: SCHEMA_VERSION,
             config: input.config,
@@ -1087,7 +1102,15 @@ impl LoadReport {
     }
 }
 
+/// Whether the run got to hold the load (a report cut short in the join phase has no steady
+/// send rate to judge).
+fn run_holds(input: &ReportInput<'_>) -> bool {
+    input.hold_started.is_some()
+}
+
 /// PASS needs every join, every expected track flowing, and loss under [`LOSS_LIMIT_PCT`].
+/// `send_shortfall` is (sent, asked) video bitrate per publisher when publishers sent less
+/// than asked.
 fn verdict(
     joins: &JoinSummary,
     tracks: &TrackSummary,
@@ -1095,6 +1118,7 @@ fn verdict(
     server: &ServerSummary,
     tester: &TesterSummary,
     run: &RunSummary,
+    send_shortfall: Option<(f64, f64)>,
 ) -> Verdict {
     let mut failures = Vec::new();
     let mut warnings = Vec::new();
@@ -1140,6 +1164,14 @@ fn verdict(
                  (every process counted): latency and loss may reflect the machine, not the server"
             ));
         }
+    }
+    if let Some((sent, asked)) = send_shortfall {
+        warnings.push(format!(
+            "publishers sent {} of video where {} was asked: the tester's sending fell behind \
+             (a starved process skips frames), so the offered load was lower than configured",
+            fmt_bps(sent),
+            fmt_bps(asked)
+        ));
     }
     if server.samples < 2 {
         warnings.push("server CPU/RSS unknown (no /metrics readings)".to_owned());
@@ -1452,7 +1484,12 @@ mod tests {
         assert!((report.tester.cpu_percent_per_peer.unwrap() - 10.0 / 3.0).abs() < 1e-9);
         // The machine: 900 of 1000 ticks busy on 2 cores = 180% of one core, a warning.
         assert_eq!(report.tester.machine_cpu_percent_hold, Some(180.0));
+        assert_eq!(report.verdict.warnings.len(), 1, "{:?}", report.verdict);
         assert!(report.verdict.warnings[0].contains("180% busy of 200%"));
+        assert_eq!(
+            report.media.send_bitrate_bps.video_per_publisher_mean,
+            500_000.0
+        );
         assert!(report.verdict.pass, "{:?}", report.verdict);
         assert_eq!(
             report.verdict.line,
@@ -1461,6 +1498,17 @@ mod tests {
         let text = report.to_text();
         assert!(text.contains("4/4 received"), "{text}");
         assert!(text.trim_end().ends_with(&report.verdict.line));
+
+        // Had 1 Mbit/s been asked, the 500 kbit/s sent says the tester fell behind.
+        let mut run = input(&peers, base, end);
+        run.config.video_bitrate_bps = 1_000_000;
+        let starved = LoadReport::build(run);
+        assert!(starved.verdict.pass, "a warning, not a failure");
+        assert!(
+            starved.verdict.warnings[1].contains("sent 500 kbit/s of video where 1.00 Mbit/s"),
+            "{:?}",
+            starved.verdict.warnings
+        );
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub struct LoadConfig {
     pub metrics_url: Option<String>,
     /// How long one join may take before it counts as failed.
     pub join_timeout: Duration,
+    /// Mint a join token per peer with this secret (for a server started with
+    /// `--auth-secret`); subscribers' tokens do not allow publishing.
+    pub auth_secret: Option<signaling::auth::Secret>,
+    /// The local address peers bind for media (loopback for a server on this machine; an
+    /// address that reaches the server otherwise).
+    pub local_ip: std::net::IpAddr,
 }
 
 impl LoadConfig {
@@ -88,6 +94,8 @@ impl LoadConfig {
             room_prefix: "load".to_owned(),
             metrics_url: None,
             join_timeout: Duration::from_secs(10),
+            auth_secret: None,
+            local_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         }
     }
 
@@ -222,9 +230,29 @@ fn plan(config: &LoadConfig) -> Vec<Slot> {
     slots
 }
 
+/// How long minted tokens stay valid: the whole run, with room to spare.
+fn token_ttl(config: &LoadConfig) -> Duration {
+    let joins = Duration::from_secs_f64(config.total_peers() as f64 / config.join_rate.max(0.001));
+    joins + config.duration + config.join_timeout + Duration::from_secs(600)
+}
+
 fn peer_config(config: &LoadConfig, room_name: &str, slot: &Slot) -> PeerConfig {
     let mut pc = PeerConfig::new(config.url.clone(), room_name, slot.name.clone());
+    if let Some(secret) = &config.auth_secret {
+        let claims = signaling::auth::Claims::new(
+            room_name,
+            Some(slot.name.clone()),
+            token_ttl(config),
+            slot.role == Role::Publisher,
+        );
+        match signaling::auth::mint(secret, &claims) {
+            Ok(token) => pc = pc.token(token),
+            // The join then fails `unauthorized`, and the report says so.
+            Err(e) => tracing::warn!("could not mint a token: {e}"),
+        }
+    }
     pc.join_timeout = config.join_timeout;
+    pc.pc.udp_addrs = vec![std::net::SocketAddr::new(config.local_ip, 0).to_string()];
     pc.read_probes = config.measurement() == Measurement::Probes;
     if slot.role == Role::Subscriber {
         return pc.watcher();
@@ -353,6 +381,13 @@ pub async fn run_load(
     let hold_end = |hold_started: Option<Instant>| hold_started.map(|h| h + config.duration);
     loop {
         let joining = next_join < planned || !joins.is_empty();
+        let anyone_in = slots
+            .iter()
+            .any(|s| matches!(s.state, SlotState::Joined { .. }));
+        if !joining && !anyone_in {
+            // Every join failed: there is no load to hold.
+            break;
+        }
         if !joining && hold_started.is_none() {
             hold_started = Some(Instant::now());
             tester_hold = Some(usage::sample());
@@ -622,5 +657,6 @@ mod tests {
         assert!(pc.video_clip.is_some() && pc.audio_clip.is_some());
         let sub = peer_config(&config, "r", slots.last().unwrap());
         assert!(!sub.publish_video && !sub.publish_audio);
+        assert_eq!(sub.pc.udp_addrs, ["127.0.0.1:0"]);
     }
 }
