@@ -84,6 +84,7 @@ async fn bad_flags_exit_2_and_an_absent_server_fails_every_join() {
         .unwrap()
         .port();
     let url = format!("ws://127.0.0.1:{port}/ws");
+    let json_out = std::env::temp_dir().join(format!("sfu-load-{port}.json"));
     let out = sfu_load(&[
         "--url",
         &url,
@@ -93,6 +94,8 @@ async fn bad_flags_exit_2_and_an_absent_server_fails_every_join() {
         "1",
         "--duration",
         "1s",
+        "--json-out",
+        json_out.to_str().unwrap(),
     ])
     .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -102,4 +105,10 @@ async fn bad_flags_exit_2_and_an_absent_server_fails_every_join() {
         "{stdout}"
     );
     assert!(stdout.contains("FAIL: 2 of 2 joins failed"), "{stdout}");
+    // The text went to stdout and the same report, as JSON, to the file.
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_out).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json_out);
+    assert_eq!(saved["joins"]["failed"], 2);
+    assert_eq!(saved["verdict"]["pass"], false);
 }

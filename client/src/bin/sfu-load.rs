@@ -52,6 +52,11 @@ fn main() -> std::process::ExitCode {
     } else {
         print!("{}", report.to_text());
     }
+    if let Some(path) = &args.json_out {
+        if let Err(e) = std::fs::write(path, report.to_json() + "\n") {
+            eprintln!("sfu-load: could not write {}: {e}", path.display());
+        }
+    }
     if report.verdict.pass {
         std::process::ExitCode::SUCCESS
     } else {

@@ -50,6 +50,9 @@ pub struct Args {
     /// Print the report as JSON on stdout (progress still goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Also write the JSON report to this file (whatever stdout shows), to keep runs on record.
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<PathBuf>,
     /// Room names are `<prefix>-<run id>-<n>`.
     #[arg(long, default_value = "load", value_parser = parse_room_prefix)]
     pub room_prefix: String,
