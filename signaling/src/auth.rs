@@ -61,7 +61,12 @@ pub struct Claims {
 
 impl Claims {
     /// Claims for `room` that expire `ttl` from now.
-    pub fn new(room: impl Into<String>, name: Option<String>, ttl: Duration, can_publish: bool) -> Self {
+    pub fn new(
+        room: impl Into<String>,
+        name: Option<String>,
+        ttl: Duration,
+        can_publish: bool,
+    ) -> Self {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -141,7 +146,11 @@ impl Verifier {
                 "the token is for another room, not {room:?}; get a token for this room"
             )));
         }
-        if claims.name.as_deref().is_some_and(|allowed| allowed != name) {
+        if claims
+            .name
+            .as_deref()
+            .is_some_and(|allowed| allowed != name)
+        {
             return Err(Refusal(
                 "the token is for another name; join with the name it was issued for".into(),
             ));
@@ -230,7 +239,11 @@ mod tests {
         assert!(refusal.0.contains("expired"), "{refusal}");
 
         let other = Secret::new("another-secret").unwrap();
-        let forged = mint(&other, &Claims::new("r", None, Duration::from_secs(60), true)).unwrap();
+        let forged = mint(
+            &other,
+            &Claims::new("r", None, Duration::from_secs(60), true),
+        )
+        .unwrap();
         let refusal = verifier.check(Some(&forged), "r", "n").unwrap_err();
         assert!(refusal.0.contains("signature"), "{refusal}");
 
@@ -239,7 +252,8 @@ mod tests {
 
         // `alg: none` with the right claims (room "r", exp in 2096), base64url by hand:
         // refused, never trusted.
-        let unsigned = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJyb29tIjoiciIsImV4cCI6NDAwMDAwMDAwMH0.";
+        let unsigned =
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJyb29tIjoiciIsImV4cCI6NDAwMDAwMDAwMH0.";
         assert!(verifier.check(Some(unsigned), "r", "n").is_err());
     }
 

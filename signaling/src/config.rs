@@ -236,7 +236,9 @@ mod tests {
 
         let cli = Cli::parse_from(["sfu-server", "--auth-secret", "x", "token", "--room", "r"]);
         assert!(cli.server.auth_secret.is_some());
-        assert!(Cli::try_parse_from(["sfu-server", "token", "--room", "r", "--ttl", "0s"]).is_err());
+        assert!(
+            Cli::try_parse_from(["sfu-server", "token", "--room", "r", "--ttl", "0s"]).is_err()
+        );
         assert!(Cli::try_parse_from(["sfu-server", "--auth-secret", ""]).is_err());
     }
 

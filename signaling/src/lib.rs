@@ -184,7 +184,7 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
         return false;
     };
     let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
-    if allowed.iter().any(|a| *a == origin) {
+    if allowed.contains(&origin) {
         return true;
     }
     let origin_host = origin.split_once("://").map(|(_, host)| host);

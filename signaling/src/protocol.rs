@@ -429,6 +429,12 @@ pub const MAX_NAME_CHARS: usize = 64;
 pub const MAX_CHAT_CHARS: usize = 4096;
 /// Longest track id the server ever assigns; longer ones cannot be ours.
 const MAX_TRACK_ID_CHARS: usize = 128;
+/// Longest join token accepted, in characters (a JWT with these claims is a few hundred).
+pub const MAX_TOKEN_CHARS: usize = 4096;
+/// Longest ICE candidate line, in characters (real ones are under 300).
+pub const MAX_CANDIDATE_CHARS: usize = 1024;
+/// Longest `sdpMid` / `usernameFragment` (RFC 8839 caps ufrags at 256 characters).
+pub const MAX_ICE_ID_CHARS: usize = 256;
 
 /// First stage of parsing: JSON, an object, a string `type`, a known type.
 pub fn parse_envelope(text: &str) -> Result<Envelope, ProtocolError> {
@@ -465,23 +471,162 @@ impl Envelope {
     /// Second stage: the message's own fields, validated against the contract.
     pub fn into_message(self) -> Result<ClientMessage, ProtocolError> {
         let kind = self.kind;
-        if kind == ClientMessageType::Candidate
-            && self
-                .value
-                .as_object()
-                .is_some_and(|o| !o.contains_key("candidate"))
-        {
-            return Err(ProtocolError::bad_request(
-                "candidate needs a \"candidate\" field: an RTCIceCandidateInit object, or null \
-                 for end of candidates",
-            ));
-        }
+        check_field_types(kind, &self.value)?;
         let message: ClientMessage = serde_json::from_value(self.value).map_err(|e| {
             ProtocolError::bad_request(format!("invalid {} message: {e}", kind_name(kind)))
         })?;
         validate(&message)?;
         Ok(message)
     }
+}
+
+/// What a field's JSON value must be.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    Text,
+    Bool,
+    OneOf(&'static [&'static str]),
+    /// An `RTCIceCandidateInit` object, or `null` for end of candidates.
+    CandidateOrNull,
+}
+
+impl Expect {
+    fn describe(self) -> String {
+        match self {
+            Expect::Text => "a string".into(),
+            Expect::Bool => "true or false".into(),
+            Expect::OneOf(values) => {
+                let quoted: Vec<String> = values.iter().map(|v| format!("{v:?}")).collect();
+                format!("one of {}", quoted.join(", "))
+            }
+            Expect::CandidateOrNull => {
+                "an RTCIceCandidateInit object (event.candidate.toJSON()), or null for end of \
+                 candidates"
+                    .into()
+            }
+        }
+    }
+
+    fn accepts(self, value: &Value) -> bool {
+        match self {
+            Expect::Text => value.is_string(),
+            Expect::Bool => value.is_boolean(),
+            Expect::OneOf(values) => value.as_str().is_some_and(|v| values.contains(&v)),
+            Expect::CandidateOrNull => value.is_null() || value.is_object(),
+        }
+    }
+}
+
+const PC_NAMES: &[&str] = &["publisher", "subscriber"];
+const QUALITIES: &[&str] = &["low", "medium", "high"];
+
+/// The required fields of each message type and what each must be.
+fn required_fields(kind: ClientMessageType) -> &'static [(&'static str, Expect)] {
+    match kind {
+        ClientMessageType::Join => &[("room", Expect::Text), ("name", Expect::Text)],
+        ClientMessageType::Offer | ClientMessageType::Answer => {
+            &[("pc", Expect::OneOf(PC_NAMES)), ("sdp", Expect::Text)]
+        }
+        ClientMessageType::Candidate => &[
+            ("pc", Expect::OneOf(PC_NAMES)),
+            ("candidate", Expect::CandidateOrNull),
+        ],
+        ClientMessageType::Mute => &[("track_id", Expect::Text), ("muted", Expect::Bool)],
+        ClientMessageType::Chat => &[("text", Expect::Text)],
+        ClientMessageType::SetQuality => &[
+            ("track_id", Expect::Text),
+            ("quality", Expect::OneOf(QUALITIES)),
+        ],
+        ClientMessageType::Leave => &[],
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn wrong_type(field: &str, expect: Expect, got: &Value) -> ProtocolError {
+    let got = match got.as_str() {
+        Some(text) => format!("{:?}", truncate_for_message(text)),
+        None => json_type(got).to_owned(),
+    };
+    ProtocolError::bad_request(format!(
+        "\"{field}\" must be {}, not {got}",
+        expect.describe()
+    ))
+}
+
+/// Names the first missing or mistyped field, so the message says exactly what to fix.
+/// Unknown fields are ignored: the contract allows additions.
+fn check_field_types(kind: ClientMessageType, value: &Value) -> Result<(), ProtocolError> {
+    let Some(object) = value.as_object() else {
+        return Ok(());
+    };
+    for &(field, expect) in required_fields(kind) {
+        match object.get(field) {
+            None => {
+                return Err(ProtocolError::bad_request(format!(
+                    "{} needs a \"{field}\" field: {}",
+                    kind_name(kind),
+                    expect.describe()
+                )))
+            }
+            Some(got) if !expect.accepts(got) => return Err(wrong_type(field, expect, got)),
+            Some(_) => {}
+        }
+    }
+    if kind == ClientMessageType::Join {
+        if let Some(token) = object
+            .get("token")
+            .filter(|t| !t.is_null() && !t.is_string())
+        {
+            return Err(wrong_type("token", Expect::Text, token));
+        }
+    }
+    if let Some(candidate) = object.get("candidate").and_then(Value::as_object) {
+        check_candidate_types(candidate)?;
+    }
+    Ok(())
+}
+
+fn check_candidate_types(candidate: &serde_json::Map<String, Value>) -> Result<(), ProtocolError> {
+    match candidate.get("candidate") {
+        Some(Value::String(_)) => {}
+        Some(other) => return Err(wrong_type("candidate.candidate", Expect::Text, other)),
+        None => {
+            return Err(ProtocolError::bad_request(
+                "the candidate object needs a \"candidate\" string (the a=candidate line; \
+                 empty for end of a generation)",
+            ))
+        }
+    }
+    for field in ["sdpMid", "usernameFragment"] {
+        if let Some(value) = candidate
+            .get(field)
+            .filter(|v| !v.is_null() && !v.is_string())
+        {
+            return Err(ProtocolError::bad_request(format!(
+                "\"candidate.{field}\" must be a string or null, not {}",
+                json_type(value)
+            )));
+        }
+    }
+    if let Some(index) = candidate.get("sdpMLineIndex").filter(|v| !v.is_null()) {
+        if index.as_u64().is_none_or(|i| i > u64::from(u16::MAX)) {
+            return Err(ProtocolError::bad_request(format!(
+                "\"candidate.sdpMLineIndex\" must be an integer from 0 to 65535, or null; got {}",
+                truncate_for_message(&index.to_string())
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn kind_name(kind: ClientMessageType) -> &'static str {
@@ -508,7 +653,7 @@ pub fn is_valid_room(room: &str) -> bool {
 
 fn validate(message: &ClientMessage) -> Result<(), ProtocolError> {
     match message {
-        ClientMessage::Join { room, name, .. } => {
+        ClientMessage::Join { room, name, token } => {
             if !is_valid_room(room) {
                 return Err(ProtocolError::bad_request(
                     "\"room\" must be 1–64 characters, each a letter, digit, '_' or '-'",
@@ -519,6 +664,20 @@ fn validate(message: &ClientMessage) -> Result<(), ProtocolError> {
                 return Err(ProtocolError::bad_request(
                     "\"name\" must be 1–64 characters and not only white space",
                 ));
+            }
+            // Names are shown to everyone and written to logs: no line breaks or escapes.
+            if name.chars().any(char::is_control) {
+                return Err(ProtocolError::bad_request(
+                    "\"name\" must not contain control characters (line breaks, tabs, escapes)",
+                ));
+            }
+            if token
+                .as_ref()
+                .is_some_and(|t| t.chars().count() > MAX_TOKEN_CHARS)
+            {
+                return Err(ProtocolError::bad_request(format!(
+                    "\"token\" is longer than {MAX_TOKEN_CHARS} characters; send the token as issued"
+                )));
             }
         }
         ClientMessage::Offer { pc, sdp } => {
@@ -543,7 +702,12 @@ fn validate(message: &ClientMessage) -> Result<(), ProtocolError> {
                 return Err(ProtocolError::bad_request("\"sdp\" must not be empty"));
             }
         }
-        ClientMessage::Candidate { .. } | ClientMessage::Leave => {}
+        ClientMessage::Candidate { candidate, .. } => {
+            if let Some(candidate) = candidate {
+                validate_candidate(candidate)?;
+            }
+        }
+        ClientMessage::Leave => {}
         ClientMessage::Mute { track_id, .. } | ClientMessage::SetQuality { track_id, .. } => {
             let chars = track_id.chars().count();
             if chars == 0 || chars > MAX_TRACK_ID_CHARS {
@@ -558,6 +722,150 @@ fn validate(message: &ClientMessage) -> Result<(), ProtocolError> {
                 return Err(ProtocolError::bad_request(format!(
                     "\"text\" must be 1–{MAX_CHAT_CHARS} characters (got {chars})"
                 )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_candidate(candidate: &IceCandidate) -> Result<(), ProtocolError> {
+    let line = &candidate.candidate;
+    if line.chars().count() > MAX_CANDIDATE_CHARS {
+        return Err(ProtocolError::bad_request(format!(
+            "\"candidate.candidate\" is longer than {MAX_CANDIDATE_CHARS} characters; send one \
+             candidate line"
+        )));
+    }
+    if line.contains(['\r', '\n']) {
+        return Err(ProtocolError::bad_request(
+            "\"candidate.candidate\" must be a single line; send one candidate per message",
+        ));
+    }
+    let ids = [
+        ("sdpMid", &candidate.sdp_mid),
+        ("usernameFragment", &candidate.username_fragment),
+    ];
+    for (field, value) in ids {
+        if value
+            .as_ref()
+            .is_some_and(|v| v.chars().count() > MAX_ICE_ID_CHARS)
+        {
+            return Err(ProtocolError::bad_request(format!(
+                "\"candidate.{field}\" is longer than {MAX_ICE_ID_CHARS} characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Bounds on SDP from clients, checked before webrtc-rs sees it: without them an offer of a
+/// few hundred KiB (thousands of m-sections, simulcast rids or candidates) costs webrtc-rs
+/// around a second of CPU per offer and makes the server send ICE checks to every listed
+/// address. Within them, applying the largest SDP a frame can carry takes milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SdpLimits {
+    /// Most m-sections.
+    pub max_media_sections: usize,
+    /// Longest line, in bytes.
+    pub max_line_bytes: usize,
+    /// Most lines in the session part or in one m-section.
+    pub max_lines_per_section: usize,
+    /// Most `a=candidate` lines in the whole SDP.
+    pub max_candidates: usize,
+    /// Most `a=rid` lines (simulcast layers) in one m-section.
+    pub max_rids_per_section: usize,
+}
+
+impl SdpLimits {
+    /// Limits for a publisher offer when a participant may publish `max_tracks` tracks:
+    /// room for every track plus as many recycled or inactive m-sections again, and never
+    /// fewer than 64.
+    pub fn for_offer(max_tracks: usize) -> Self {
+        Self {
+            max_media_sections: max_tracks.saturating_mul(2).max(64),
+            ..Self::base()
+        }
+    }
+
+    /// Limits for an answer to an offer of `offered_sections` m-sections (an answer has
+    /// exactly as many).
+    pub fn for_answer(offered_sections: usize) -> Self {
+        Self {
+            max_media_sections: offered_sections,
+            ..Self::base()
+        }
+    }
+
+    fn base() -> Self {
+        Self {
+            max_media_sections: 64,
+            max_line_bytes: 4096,
+            max_lines_per_section: 512,
+            max_candidates: 128,
+            max_rids_per_section: 16,
+        }
+    }
+}
+
+/// How many m-sections an SDP has.
+pub fn media_section_count(sdp: &str) -> usize {
+    sdp.lines().filter(|l| l.starts_with("m=")).count()
+}
+
+/// Checks `sdp` against `limits`; the error is `invalid_sdp` and names the limit.
+pub fn check_sdp(sdp: &str, limits: &SdpLimits) -> Result<(), ProtocolError> {
+    let invalid = |message: String| Err(ProtocolError::new(ErrorCode::InvalidSdp, message));
+    let mut sections = 0usize;
+    let mut lines_in_section = 0usize;
+    let mut rids_in_section = 0usize;
+    let mut candidates = 0usize;
+    for (index, line) in sdp.split('\n').enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.len() > limits.max_line_bytes {
+            return invalid(format!(
+                "SDP line {} is {} bytes long; lines may be at most {} bytes",
+                index + 1,
+                line.len(),
+                limits.max_line_bytes
+            ));
+        }
+        if line.starts_with("m=") {
+            sections += 1;
+            if sections > limits.max_media_sections {
+                return invalid(format!(
+                    "the SDP has more than {0} m-sections; this server accepts at most {0} \
+                     here: remove unused transceivers",
+                    limits.max_media_sections
+                ));
+            }
+            lines_in_section = 0;
+            rids_in_section = 0;
+        }
+        lines_in_section += 1;
+        if lines_in_section > limits.max_lines_per_section {
+            return invalid(format!(
+                "an SDP section has more than {} lines; this server accepts at most that many \
+                 per m-section",
+                limits.max_lines_per_section
+            ));
+        }
+        if line.starts_with("a=candidate:") {
+            candidates += 1;
+            if candidates > limits.max_candidates {
+                return invalid(format!(
+                    "the SDP lists more than {} ICE candidates; this server accepts at most that \
+                     many",
+                    limits.max_candidates
+                ));
+            }
+        } else if line.starts_with("a=rid:") {
+            rids_in_section += 1;
+            if rids_in_section > limits.max_rids_per_section {
+                return invalid(format!(
+                    "an m-section has more than {0} a=rid lines; this server accepts at most \
+                     {0} simulcast layers per track",
+                    limits.max_rids_per_section
+                ));
             }
         }
     }

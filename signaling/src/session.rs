@@ -6,7 +6,7 @@
 
 use crate::protocol::{
     self, ClientMessage, ClientMessageType, ErrorCode, IceCandidate, PcName, ProtocolError,
-    ServerMessage,
+    SdpLimits, ServerMessage,
 };
 use crate::ratelimit::TokenBucket;
 use crate::AppState;
@@ -16,6 +16,7 @@ use sfu::{
     CandidateInit, EndReason, JoinError, MediaError, MediaKind, Participant, ParticipantInfo,
     PeerRole, RoomId, SfuEvent, TrackId, TrackInfo,
 };
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -40,7 +41,16 @@ struct Joined {
     events: mpsc::UnboundedReceiver<SfuEvent>,
     /// False for a watch-only token: publisher offers are refused.
     can_publish: bool,
+    /// m-sections in the latest subscriber offer sent, which bounds the client's answer.
+    offered_sections: Option<usize>,
+    /// Candidates trickled for each connection since its last negotiation (publisher,
+    /// subscriber): each one makes the server send ICE checks, so their number is bounded.
+    trickled: [usize; 2],
 }
+
+/// Most candidates a client may trickle for one connection per negotiation; real clients
+/// send a handful per network interface.
+const MAX_TRICKLED_CANDIDATES: usize = 128;
 
 enum Flow {
     Continue,
@@ -50,32 +60,32 @@ enum Flow {
 /// Runs a session to its end.
 pub async fn run(socket: WebSocket, state: Arc<AppState>) {
     let (mut sink, mut stream) = socket.split();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
-    let writer = tokio::spawn(async move {
+    let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
+    let mut writer = tokio::spawn(async move {
         while let Some(outbound) = out_rx.recv().await {
-            let result = match outbound {
+            let (frame, last) = match outbound {
                 Outbound::Message(message) => match serde_json::to_string(&message) {
-                    Ok(text) => sink.send(Message::Text(text.into())).await,
+                    Ok(text) => (Message::Text(text.into()), false),
                     Err(e) => {
                         tracing::error!(error = %e, "unserializable message");
                         continue;
                     }
                 },
-                Outbound::Close(code, reason) => {
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code,
-                            reason: Utf8Bytes::from_static(reason),
-                        })))
-                        .await;
-                    break;
-                }
+                Outbound::Close(code, reason) => (
+                    Message::Close(Some(CloseFrame {
+                        code,
+                        reason: Utf8Bytes::from_static(reason),
+                    })),
+                    true,
+                ),
             };
-            if result.is_err() {
+            // A client that stops reading fills its TCP window and would block this forever.
+            let sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await;
+            if !matches!(sent, Ok(Ok(()))) || last {
                 break;
             }
         }
-        let _ = sink.close().await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
     });
 
     let mut session = Session {
@@ -83,6 +93,8 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>) {
         out: out_tx,
         joined: None,
         rate: TokenBucket::new(100, 20, Instant::now()),
+        rate_limited_replies: TokenBucket::new(100, 1, Instant::now()),
+        unreachable: Cell::new(false),
     };
     let join_deadline =
         tokio::time::Instant::now() + Duration::from_secs(state.config.join_timeout_secs);
@@ -113,10 +125,14 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>) {
         if let Flow::Close(code, reason) = flow {
             break Some((code, reason));
         }
+        if session.unreachable.get() {
+            tracing::debug!("client stopped reading; closing its session");
+            break Some((CLOSE_POLICY, "client does not read"));
+        }
     };
 
     if let Some((code, reason)) = close {
-        let _ = session.out.send(Outbound::Close(code, reason));
+        let _ = session.out.try_send(Outbound::Close(code, reason));
         // Read until the client answers the close (or briefly), so that closing does not reset
         // a connection with unread data and the client sees our error and close frame.
         let drain = async {
@@ -132,7 +148,14 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>) {
         joined.participant.leave().await;
     }
     drop(session);
-    let _ = writer.await;
+    // The writer ends once it has sent what is queued; one stuck on a client that does not
+    // read is stopped, so the session (and its connection slot) never outlives the socket.
+    if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
 async fn next_event(joined: &mut Option<Joined>) -> Option<SfuEvent> {
@@ -144,14 +167,28 @@ async fn next_event(joined: &mut Option<Joined>) -> Option<SfuEvent> {
 
 struct Session {
     state: Arc<AppState>,
-    out: mpsc::UnboundedSender<Outbound>,
+    out: mpsc::Sender<Outbound>,
     joined: Option<Joined>,
     rate: TokenBucket,
+    /// How many dropped frames get a `rate_limited` reply: 100, then one per second.
+    rate_limited_replies: TokenBucket,
+    /// Set when the client can no longer be written to (its queue is full or the writer gave
+    /// up); the session then ends.
+    unreachable: Cell<bool>,
 }
+
+/// Messages queued for a client before it counts as not reading and is disconnected; far
+/// more than any burst of room events (a join into a full room is about 100 + 800 messages).
+const OUTBOUND_QUEUE: usize = 4096;
+/// How long one frame may wait for the client's TCP window before the client counts as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Session {
     fn send(&self, message: ServerMessage) {
-        let _ = self.out.send(Outbound::Message(message));
+        if self.out.try_send(Outbound::Message(message)).is_err() {
+            // Full: the client has not read for a long while; closed: the writer gave up.
+            self.unreachable.set(true);
+        }
     }
 
     fn send_error(&self, error: ProtocolError) {
@@ -191,33 +228,44 @@ impl Session {
     }
 
     async fn on_frame(&mut self, frame: Message) -> Flow {
-        let text = match frame {
-            Message::Text(text) => text,
-            Message::Binary(_) => {
-                return self.fail(ProtocolError::new(
-                    ErrorCode::BadRequest,
-                    "binary frames are not accepted; send each JSON message as a text frame",
-                ));
+        let (text, frame_bytes) = match frame {
+            Message::Text(text) => {
+                let len = text.len();
+                (Some(text), len)
             }
+            Message::Binary(bytes) => (None, bytes.len()),
             Message::Close(_) => return Flow::Close(CLOSE_NORMAL, "bye"),
             Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
         };
-        if text.len() > self.state.config.max_frame_bytes {
+        if frame_bytes > self.state.config.max_frame_bytes {
             return self.fail(ProtocolError::new(
                 ErrorCode::TooLarge,
                 format!(
-                    "frame of {} bytes is larger than the {}-byte limit",
-                    text.len(),
+                    "frame of {frame_bytes} bytes is larger than the {}-byte limit",
                     self.state.config.max_frame_bytes
                 ),
             ));
         }
-        if !self.rate.try_take(Instant::now()) {
+        // Every frame costs a token, binary and malformed ones too, so no kind of flood gets
+        // more than the contract's rate of answers.
+        let now = Instant::now();
+        if !self.rate.try_take(now) {
+            if !self.rate_limited_replies.try_take(now) {
+                // Still flooding: answering every frame would let a client that never reads
+                // make the server queue replies without end. Dropped without a reply.
+                return Flow::Continue;
+            }
             return self.fail(ProtocolError::new(
                 ErrorCode::RateLimited,
                 "more than 20 messages per second (bursts of 100); slow down",
             ));
         }
+        let Some(text) = text else {
+            return self.fail(ProtocolError::new(
+                ErrorCode::BadRequest,
+                "binary frames are not accepted; send each JSON message as a text frame",
+            ));
+        };
         let envelope = match protocol::parse_envelope(&text) {
             Ok(envelope) => envelope,
             Err(e) => return self.fail(e),
@@ -247,10 +295,10 @@ impl Session {
         match message {
             ClientMessage::Join { room, name, token } => self.join(room, name, token).await,
             ClientMessage::Offer { sdp, .. } => {
-                let Some(joined) = &self.joined else {
+                let Some(can_publish) = self.joined.as_ref().map(|j| j.can_publish) else {
                     return Flow::Continue;
                 };
-                if !joined.can_publish {
+                if !can_publish {
                     // `unauthorized` closes the socket: a watch-only client that offers has a
                     // bug, and the contract gives no code that keeps it open.
                     return self.fail(ProtocolError::new(
@@ -259,6 +307,14 @@ impl Session {
                          without offering, or get a token that allows publishing",
                     ));
                 }
+                let limits = SdpLimits::for_offer(self.state.config.max_tracks_per_participant);
+                if let Err(e) = protocol::check_sdp(&sdp, &limits) {
+                    return self.fail(e);
+                }
+                let Some(joined) = &mut self.joined else {
+                    return Flow::Continue;
+                };
+                joined.trickled[0] = 0;
                 match joined.participant.publisher_offer(sdp).await {
                     Ok(answer) => {
                         self.send(ServerMessage::Answer {
@@ -271,18 +327,45 @@ impl Session {
                 }
             }
             ClientMessage::Answer { sdp, .. } => {
-                let Some(joined) = &self.joined else {
+                let Some(joined) = &mut self.joined else {
                     return Flow::Continue;
                 };
+                joined.trickled[1] = 0;
+                let guard = joined
+                    .offered_sections
+                    .map(|offered| protocol::check_sdp(&sdp, &SdpLimits::for_answer(offered)));
+                if let Some(Err(too_big)) = guard {
+                    // The contract: an answer that cannot be applied gets invalid_sdp and then
+                    // a fresh offer. The media plane does both when an answer fails to parse,
+                    // so it gets an empty one in place of the hostile SDP, which it never sees.
+                    return match joined.participant.subscriber_answer(String::new()).await {
+                        Err(MediaError::InvalidSdp(_)) => self.fail(too_big),
+                        Err(other) => self.fail(media_error(other)),
+                        Ok(()) => self.fail(too_big),
+                    };
+                }
                 match joined.participant.subscriber_answer(sdp).await {
                     Ok(()) => Flow::Continue,
                     Err(e) => self.fail(media_error(e)),
                 }
             }
             ClientMessage::Candidate { pc, candidate } => {
-                if let (Some(joined), Some(candidate)) = (&self.joined, candidate) {
+                if let (Some(joined), Some(candidate)) = (&mut self.joined, candidate) {
                     // An empty candidate line is the end of a generation: nothing to add.
                     if !candidate.candidate.trim().is_empty() {
+                        let count = &mut joined.trickled[usize::from(pc == PcName::Subscriber)];
+                        *count += 1;
+                        if *count > MAX_TRICKLED_CANDIDATES {
+                            return self.fail(ProtocolError::new(
+                                ErrorCode::BadRequest,
+                                format!(
+                                    "more than {MAX_TRICKLED_CANDIDATES} candidates for the {} \
+                                     connection since its last negotiation; further ones are \
+                                     ignored",
+                                    pc.as_str()
+                                ),
+                            ));
+                        }
                         joined
                             .participant
                             .add_candidate(peer_role(pc), candidate_init(candidate));
@@ -359,6 +442,8 @@ impl Session {
                     room: room_id,
                     events,
                     can_publish,
+                    offered_sections: None,
+                    trickled: [0; 2],
                 });
                 Flow::Continue
             }
@@ -415,10 +500,15 @@ impl Session {
                 track_id: track_id.to_string(),
                 muted,
             },
-            SfuEvent::SubscriberOffer(sdp) => ServerMessage::Offer {
-                pc: PcName::Subscriber,
-                sdp,
-            },
+            SfuEvent::SubscriberOffer(sdp) => {
+                if let Some(joined) = &mut self.joined {
+                    joined.offered_sections = Some(protocol::media_section_count(&sdp));
+                }
+                ServerMessage::Offer {
+                    pc: PcName::Subscriber,
+                    sdp,
+                }
+            }
             SfuEvent::Chat {
                 participant_id,
                 name,
