@@ -150,3 +150,125 @@ async fn every_flag_has_an_environment_variable() {
         "every flag names its environment variable"
     );
 }
+
+/// Runs `sfu-server` with `args` to completion.
+fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sfu-server"))
+        .args(args)
+        .env_remove("SFU_AUTH_SECRET")
+        .envs(env.iter().copied())
+        .output()
+        .expect("sfu-server runs")
+}
+
+#[tokio::test]
+async fn token_subcommand_mints_what_the_server_with_the_same_secret_accepts() {
+    let secret = ("SFU_AUTH_SECRET", "cli-test-secret");
+    let minted = run(
+        &["token", "--room", "cli", "--name", "ann", "--ttl", "1h"],
+        &[secret],
+    );
+    assert!(minted.status.success(), "{minted:?}");
+    let token = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token:?}");
+    let watch_only = run(
+        &[
+            "token",
+            "--room",
+            "cli",
+            "--no-publish",
+            "--auth-secret",
+            "cli-test-secret",
+        ],
+        &[],
+    );
+    assert!(watch_only.status.success(), "{watch_only:?}");
+    let watch_only = String::from_utf8(watch_only.stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    let missing = run(&["token", "--room", "cli"], &[]);
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("SFU_AUTH_SECRET"),
+        "says where the secret comes from: {stderr}"
+    );
+    let bad_room = run(&["token", "--room", "no spaces"], &[secret]);
+    assert!(!bad_room.status.success());
+
+    let server = spawn(
+        &["--listen", "127.0.0.1:0", "--ice-ip", "127.0.0.1"],
+        &[secret],
+    );
+    let ws_url = format!("{}/ws", server.url.replace("http://", "ws://"));
+    let join = |token: &str, name: &str| {
+        serde_json::json!({"type": "join", "room": "cli", "name": name, "token": token}).to_string()
+    };
+    let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    ws.send(Message::text(join(&token, "ann"))).await.unwrap();
+    let reply = ws.next().await.unwrap().unwrap();
+    assert!(
+        reply.to_text().unwrap().contains(r#""type":"joined""#),
+        "{reply:?}"
+    );
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    ws.send(Message::text(join(&watch_only, "viewer")))
+        .await
+        .unwrap();
+    let reply = ws.next().await.unwrap().unwrap();
+    assert!(
+        reply.to_text().unwrap().contains(r#""type":"joined""#),
+        "{reply:?}"
+    );
+    ws.send(Message::text(
+        r#"{"type":"offer","pc":"publisher","sdp":"v=0"}"#,
+    ))
+    .await
+    .unwrap();
+    let refused = loop {
+        let frame = ws.next().await.unwrap().unwrap();
+        let text = frame.to_text().unwrap().to_owned();
+        if text.contains(r#""type":"error""#) {
+            break text;
+        }
+    };
+    assert!(refused.contains("unauthorized"), "{refused}");
+
+    // The same token against a server without the secret's twin is refused.
+    let other = spawn(
+        &["--listen", "127.0.0.1:0", "--ice-ip", "127.0.0.1"],
+        &[("SFU_AUTH_SECRET", "a-different-secret")],
+    );
+    let other_ws = format!("{}/ws", other.url.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(&other_ws).await.unwrap();
+    ws.send(Message::text(join(&token, "ann"))).await.unwrap();
+    let reply = ws.next().await.unwrap().unwrap();
+    assert!(
+        reply.to_text().unwrap().contains("unauthorized"),
+        "{reply:?}"
+    );
+}
+
+#[test]
+fn help_lists_the_limits_auth_and_origin_flags() {
+    let help = run(&["--help"], &[]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--max-rooms",
+        "--max-connections",
+        "--max-participants-per-room",
+        "--max-tracks-per-participant",
+        "--auth-secret",
+        "--allowed-origin",
+        "SFU_ALLOWED_ORIGINS",
+        "token",
+    ] {
+        assert!(help.contains(flag), "--help lists {flag}");
+    }
+    // The secret's value never shows, even when it is set in the environment.
+    let help = run(&["--help"], &[("SFU_AUTH_SECRET", "do-not-print-me")]);
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("do-not-print-me"));
+}
