@@ -12,7 +12,6 @@ use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use signaling::protocol::TrackKind;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::peer_connection::{PeerConnection, RTCPeerConnectionState};
@@ -137,9 +136,9 @@ impl Default for AudioMedia {
     }
 }
 
-/// How late a file source may fall behind its clock before it stops catching up: past this,
-/// the missed time is skipped instead of being sent as a burst.
-const FILE_CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_millis(100);
+/// How far a sender may fall behind its clock and still catch up: past this, the missed time
+/// is skipped instead of being sent as a burst.
+const CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What the sender task needs besides the track.
 #[derive(Debug, Clone)]
@@ -221,11 +220,11 @@ pub fn spawn_sender(
             (TrackKind::Video, VideoMedia::Synthetic(config), _) => {
                 let mut source = VideoSource::new(config, published.ssrc, payload_type);
                 let frame_interval = source.config().frame_interval();
-                let mut ticker = tokio::time::interval(frame_interval);
-                ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+                let mut clock = PacingClock::new();
+                let mut frames: u32 = 0;
                 loop {
                     tokio::select! {
-                        _ = ticker.tick() => {}
+                        _ = tokio::time::sleep_until(clock.due(frame_interval * frames)) => {}
                         _ = requests.notified() => {
                             source.request_keyframe();
                             let now = Instant::now();
@@ -233,11 +232,11 @@ pub fn spawn_sender(
                                 .last_keyframe()
                                 .is_some_and(|k| now.duration_since(k) < frame_interval);
                             if recent {
-                                // One was just sent; the next tick makes another.
+                                // One was just sent; the next frame due makes another.
                                 continue;
                             }
                             // At once, and restart the frame clock from here.
-                            ticker.reset();
+                            clock.restart(frame_interval * frames);
                         }
                         changed = connection.changed() => {
                             if changed.is_err() || stopped(&connection.borrow()) {
@@ -246,13 +245,15 @@ pub fn spawn_sender(
                             continue;
                         }
                     }
+                    clock.sent(frame_interval * frames);
                     let frame = source.next_frame(Instant::now(), crate::unix_micros());
                     sender.send_video(frame).await;
+                    frames = frames.wrapping_add(1);
                 }
             }
             (TrackKind::Video, VideoMedia::File(clip), _) => {
                 let mut source = FileVideoSource::new(clip, published.ssrc, payload_type);
-                let mut clock = FileClock::new();
+                let mut clock = PacingClock::new();
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep_until(clock.due(source.next_due())) => {}
@@ -275,11 +276,11 @@ pub fn spawn_sender(
             }
             (TrackKind::Audio, _, AudioMedia::Synthetic(config)) => {
                 let mut source = AudioSource::new(config, published.ssrc, payload_type);
-                let mut ticker = tokio::time::interval(AUDIO_FRAME);
-                ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+                let mut clock = PacingClock::new();
+                let mut packets: u32 = 0;
                 loop {
                     tokio::select! {
-                        _ = ticker.tick() => {}
+                        _ = tokio::time::sleep_until(clock.due(AUDIO_FRAME * packets)) => {}
                         changed = connection.changed() => {
                             if changed.is_err() || stopped(&connection.borrow()) {
                                 break;
@@ -287,13 +288,15 @@ pub fn spawn_sender(
                             continue;
                         }
                     }
+                    clock.sent(AUDIO_FRAME * packets);
                     let packet = source.next_packet(Instant::now(), crate::unix_micros());
                     sender.send_audio(packet).await;
+                    packets = packets.wrapping_add(1);
                 }
             }
             (TrackKind::Audio, _, AudioMedia::File(clip)) => {
                 let mut source = FileAudioSource::new(clip, published.ssrc, payload_type);
-                let mut clock = FileClock::new();
+                let mut clock = PacingClock::new();
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep_until(clock.due(source.next_due())) => {}
@@ -313,16 +316,18 @@ pub fn spawn_sender(
     })
 }
 
-/// Maps a file source's media time to wall-clock deadlines, and slips when the sender fell
-/// behind by more than [`FILE_CATCH_UP_LIMIT`] (a stalled runtime must not cause a burst).
-struct FileClock {
+/// Maps a source's media time (frames or packets sent so far, as time) to wall-clock
+/// deadlines. A sender that wakes late sends what is due at once, catching up so the average
+/// rate stays what was asked; one that fell behind by more than [`CATCH_UP_LIMIT`] slips
+/// instead (a stalled process must not send seconds of media as one burst).
+struct PacingClock {
     /// The wall-clock instant of media time zero (moves forward when slipping).
     origin: tokio::time::Instant,
 }
 
-impl FileClock {
+impl PacingClock {
     fn new() -> Self {
-        FileClock {
+        PacingClock {
             origin: tokio::time::Instant::now(),
         }
     }
@@ -332,10 +337,17 @@ impl FileClock {
         self.origin + media_time
     }
 
+    /// Makes the media at `media_time` due now (later media follows from here).
+    fn restart(&mut self, media_time: std::time::Duration) {
+        self.origin = tokio::time::Instant::now()
+            .checked_sub(media_time)
+            .unwrap_or(self.origin);
+    }
+
     /// Called as the media at `media_time` is sent.
     fn sent(&mut self, media_time: std::time::Duration) {
         let late = tokio::time::Instant::now().saturating_duration_since(self.due(media_time));
-        if late > FILE_CATCH_UP_LIMIT {
+        if late > CATCH_UP_LIMIT {
             self.origin += late;
         }
     }
