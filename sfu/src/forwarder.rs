@@ -126,7 +126,7 @@ impl Forwarder {
     /// The packets now come from another source (a simulcast layer switch, or a publisher that
     /// restarted with a new SSRC): the numbering continues from the last forwarded packet.
     pub fn switch_source(&mut self) {
-        self.munger.pause();
+        self.munger.pause_new_source();
     }
 
     /// Whether this subscriber is blocked on a keyframe the publisher should be asked for.
@@ -146,11 +146,15 @@ impl Forwarder {
             if !packet.keyframe_start {
                 return Decision::Drop(DropReason::AwaitingKeyframe);
             }
-            self.awaiting_keyframe = false;
             self.munger.pause();
         }
         match self.munger.rewrite(packet.seq, packet.timestamp, now) {
-            Some((seq, timestamp)) => Decision::Forward { seq, timestamp },
+            Some((seq, timestamp)) => {
+                // Only a keyframe that is actually forwarded ends the wait (a stale copy of
+                // an old one does not).
+                self.awaiting_keyframe = false;
+                Decision::Forward { seq, timestamp }
+            }
             None => Decision::Drop(DropReason::Stale),
         }
     }
@@ -160,6 +164,17 @@ impl Forwarder {
 /// duplicates recognised).
 const REORDER_WINDOW: u16 = 128;
 
+/// Whether, and how, the munger re-bases its offsets on the next forwarded packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rebase {
+    /// Packets continue the current segment.
+    No,
+    /// The same source resumes after a gap; its packets up to `newest_in` were seen already.
+    SameSource { newest_in: u16 },
+    /// A new source (or the very first packet): any packet may start the segment.
+    NewSource,
+}
+
 /// Rewrites sequence numbers and timestamps so that the subscriber sees one gap-free stream
 /// whatever was dropped in between (SRTP drops a reused sequence number as a replay, and a
 /// decoder treats a gap as loss and asks for retransmission).
@@ -168,8 +183,8 @@ struct Munger {
     clock_rate: u32,
     /// No packet has been forwarded yet.
     fresh: bool,
-    /// The next forwarded packet starts a new segment: offsets are re-based on it.
-    rebase: bool,
+    /// Whether the next forwarded packet starts a new segment (offsets re-based on it).
+    rebase: Rebase,
     seq_offset: u16,
     ts_offset: u32,
     /// Newest incoming sequence number forwarded in this segment.
@@ -188,7 +203,7 @@ impl Munger {
         Self {
             clock_rate: clock_rate.max(1),
             fresh: true,
-            rebase: true,
+            rebase: Rebase::NewSource,
             seq_offset: 0,
             ts_offset: 0,
             highest_in: 0,
@@ -200,12 +215,30 @@ impl Munger {
         }
     }
 
+    /// The same source continues after a gap (mute, restart on a keyframe): only packets newer
+    /// than the newest one forwarded may start the next segment.
     fn pause(&mut self) {
-        self.rebase = true;
+        if self.rebase == Rebase::No {
+            self.rebase = Rebase::SameSource {
+                newest_in: self.highest_in,
+            };
+        }
+    }
+
+    /// Another source follows, with its own numbering.
+    fn pause_new_source(&mut self) {
+        self.rebase = Rebase::NewSource;
     }
 
     fn rewrite(&mut self, seq: u16, ts: u32, now: Instant) -> Option<(u16, u32)> {
-        if self.rebase {
+        if self.rebase != Rebase::No {
+            if let Rebase::SameSource { newest_in } = self.rebase {
+                // A late or duplicate packet from before the gap must not start the segment:
+                // the subscriber already has it (or has given up on it).
+                if !self.fresh && (seq.wrapping_sub(newest_in) as i16) <= 0 {
+                    return None;
+                }
+            }
             if self.fresh {
                 // The subscriber's stream is new: keep the publisher's numbering.
                 self.seq_offset = 0;
@@ -223,7 +256,7 @@ impl Munger {
                     (elapsed.as_micros() as u64 * self.clock_rate as u64 / 1_000_000).max(1) as u32;
                 self.ts_offset = ts.wrapping_sub(self.last_out_ts.wrapping_add(ticks));
             }
-            self.rebase = false;
+            self.rebase = Rebase::No;
             self.highest_in = seq;
             self.segment_start_in = seq;
             self.seen = 1;
@@ -371,6 +404,35 @@ mod tests {
         let (seq, ts) = forwarded(f.decide(&pkt(7, 50, true), t0 + Duration::from_millis(10)));
         assert_eq!(seq, 0);
         assert_eq!(ts, (u32::MAX - 10).wrapping_add(900));
+    }
+
+    #[test]
+    fn a_duplicate_of_the_last_keyframe_does_not_restart_the_stream_twice() {
+        let mut f = Forwarder::new(true, 90_000);
+        f.set_negotiated();
+        let now = Instant::now();
+        assert_eq!(forwarded(f.decide(&pkt(0, 0, true), now)), (0, 0));
+        f.restart_on_keyframe();
+        // Packet 0 arrives again (a retransmission) after the restart: already forwarded.
+        assert_eq!(
+            f.decide(&pkt(0, 0, true), now),
+            Decision::Drop(DropReason::Stale)
+        );
+        assert_eq!(
+            f.decide(&pkt(2, 3000, false), now),
+            Decision::Drop(DropReason::AwaitingKeyframe)
+        );
+        assert_eq!(forwarded(f.decide(&pkt(3, 6000, true), now)).0, 1);
+    }
+
+    #[test]
+    fn a_new_source_may_start_with_any_numbering() {
+        let mut f = Forwarder::new(false, 48_000);
+        f.set_negotiated();
+        let now = Instant::now();
+        forwarded(f.decide(&pkt(500, 0, false), now));
+        f.switch_source();
+        assert_eq!(forwarded(f.decide(&pkt(3, 10, false), now)).0, 501);
     }
 
     #[test]
