@@ -695,13 +695,13 @@ async fn an_answer_beyond_the_limits_is_invalid_sdp_then_a_fresh_offer_follows()
 // Frames, floods and clients that misbehave at the socket level
 // ---------------------------------------------------------------------------------------------
 
-/// The count of audio packets from `publisher` at `peer`, sampled every 50 ms while `during`
-/// runs, as (time, cumulative packets).
-async fn audio_while(
+/// Runs `during` while sampling the count of audio packets from `publisher` at `peer` every
+/// 50 ms; returns its output and the samples, as (time, cumulative packets).
+async fn audio_while<T>(
     peer: &HeadlessPeer,
     publisher: &str,
-    during: impl Future<Output = ()>,
-) -> Vec<(Instant, u64)> {
+    during: impl Future<Output = T>,
+) -> (T, Vec<(Instant, u64)>) {
     let audio_packets = || -> u64 {
         peer.stats()
             .kind_from(publisher, TrackKind::Audio)
@@ -716,12 +716,12 @@ async fn audio_while(
             samples.push((Instant::now(), audio_packets()));
         }
     };
-    tokio::select! {
-        () = during => {}
-        () = sampling => {}
-    }
+    let output = tokio::select! {
+        output = during => output,
+        () = sampling => unreachable!("sampling never ends"),
+    };
     samples.push((Instant::now(), audio_packets()));
-    samples
+    (output, samples)
 }
 
 /// Packets per second over a series of (time, cumulative packets) samples.
@@ -879,7 +879,7 @@ async fn a_flood_is_bounded_and_the_rest_of_the_room_keeps_its_media() {
     .unwrap();
     let hostile = hostile_offers();
     // The rate before the flood, on this machine under its present load.
-    let before = audio_while(
+    let ((), before) = audio_while(
         &receiver,
         &sender_id,
         tokio::time::sleep(Duration::from_secs(2)),
@@ -887,9 +887,18 @@ async fn a_flood_is_bounded_and_the_rest_of_the_room_keeps_its_media() {
     .await;
     let baseline = packet_rate(&before);
     let flood = async {
-        // 3000 frames as fast as the server reads them, one in eight a costly offer or one
-        // that must be refused.
-        for i in 0..3000usize {
+        // For 3 s, frames as fast as the server reads them, one in eight a costly offer or
+        // one that must be refused.
+        let flooding = Instant::now();
+        let mut chat_sent_at = None;
+        let mut i = 0usize;
+        while flooding.elapsed() < Duration::from_secs(3) {
+            i += 1;
+            // Halfway through, another participant chats.
+            if chat_sent_at.is_none() && flooding.elapsed() > Duration::from_millis(1500) {
+                sender.chat("still talking").unwrap();
+                chat_sent_at = Some(client::unix_micros() / 1000);
+            }
             let result = match i % 8 {
                 0 => {
                     flooder
@@ -917,16 +926,28 @@ async fn a_flood_is_bounded_and_the_rest_of_the_room_keeps_its_media() {
             };
             result.expect("the server keeps reading during the flood");
         }
-        // Others are not stalled: chat crosses the room promptly.
-        sender.chat("still talking").unwrap();
-        assert!(
-            receiver
-                .wait_for(SHORT, |s| s.chats.iter().any(|c| c.text == "still talking"))
-                .await,
-            "chat from another participant was stalled by the flood"
-        );
+        (i, chat_sent_at.expect("the flood lasted 3 s"))
     };
-    let during = audio_while(&receiver, &sender_id, flood).await;
+    let ((frames, chat_sent_at), during) = audio_while(&receiver, &sender_id, flood).await;
+    // Others are not stalled: the chat sent mid-flood was handled by the server at once and
+    // reached the rest of the room.
+    assert!(
+        receiver
+            .wait_for(SHORT, |s| s.chats.iter().any(|c| c.text == "still talking"))
+            .await,
+        "chat from another participant was stalled by the flood"
+    );
+    let chat = receiver
+        .state()
+        .chats
+        .into_iter()
+        .find(|c| c.text == "still talking")
+        .unwrap();
+    let chat_delay_ms = chat.ts.saturating_sub(chat_sent_at);
+    assert!(
+        chat_delay_ms < 1000,
+        "the server took {chat_delay_ms} ms to handle a chat during the flood"
+    );
     // Media keeps flowing at the rate it had (Opus: 50 packets per second), without a gap.
     let rate = packet_rate(&during);
     assert!(
@@ -949,7 +970,13 @@ async fn a_flood_is_bounded_and_the_rest_of_the_room_keeps_its_media() {
     }
     assert!(
         replies < 400,
-        "3000 flooded frames got {replies} replies; they should be bounded"
+        "{frames} flooded frames got {replies} replies; they should be bounded"
+    );
+    println!(
+        "flood: {frames} frames in 3 s; receiver's audio {baseline:.1} packets/s before, \
+         {rate:.1} during, longest gap {} ms; a chat mid-flood handled in {chat_delay_ms} ms; \
+         {replies} replies to the flooder",
+        stall.as_millis()
     );
     flooder.close().await;
     assert!(wait_metric(&server, "sfu_participants", 2.0).await);
@@ -1006,6 +1033,10 @@ async fn a_client_that_never_reads_is_dropped_and_others_are_unaffected() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    println!(
+        "deaf client: dropped {:.1} s after the chat started",
+        started.elapsed().as_secs_f64()
+    );
     for (i, talker) in talkers.iter().enumerate() {
         assert_usable(talker, &format!("talker{i} is fine")).await;
     }
