@@ -12,26 +12,24 @@
 //! getStats, and the test waits for it to rise. Without Chromium the test fails and says how
 //! to install it; `SFU_SKIP_BROWSER_TESTS=1` skips it knowingly.
 
+#[path = "browser/call_page.rs"]
+mod call_page;
 #[path = "browser/cdp.rs"]
 mod cdp;
 mod common;
 
-use cdp::{Browser, CdpError, Page};
+use call_page::{
+    fail, js, step, tile_selector, wait_for_moving_video, InTheRoom, Person, Result, WAIT,
+};
+use cdp::{Browser, CdpError};
 use clap::Parser;
 use client::{HeadlessPeer, PeerConfig};
 use common::start_server;
-use serde_json::Value;
 use signaling::config::ServerConfig;
 use signaling::Server;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Long enough for a cold Chromium and a debug-build server sharing 2 cores; every wait ends
-/// as soon as its condition holds.
-const WAIT: Duration = Duration::from_secs(20);
-/// Decoded frames that must be added after the first one before video counts as moving
-/// (under a second at any of the sources' 15–30 fps).
-const FRAMES_THAT_PROVE_MOTION: u64 = 10;
 const ROOM: &str = "browser-call";
 
 /// Flags on top of the driver's own (headless, fake devices, loopback ICE): windows big enough
@@ -41,105 +39,6 @@ const ROOM: &str = "browser-call";
 /// (800×450 at 15 fps, the same moving pattern), so the shared screen is a real captured and
 /// encoded track even though headless Chromium has no screen.
 const CHROMIUM_FLAGS: &[&str] = &["--window-size=1280,800"];
-
-type Result<T> = std::result::Result<T, CdpError>;
-
-fn fail<T>(message: String) -> Result<T> {
-    Err(CdpError(message))
-}
-
-/// One person in the call: their browser window and the id the server gave them.
-struct Person {
-    page: Page,
-    id: String,
-}
-
-impl Person {
-    /// Opens `/?room=..&name=..` (the shareable link) and waits until the server has let them in.
-    async fn join(browser: &Browser, base: &str, name: &str) -> Result<Person> {
-        let page = browser
-            .open(name, &format!("{base}/?room={ROOM}&name={name}"))
-            .await?;
-        let id = page
-            .wait_for(
-                "sfuTest.state().joined && sfuTest.state().participantId",
-                WAIT,
-                "joining the room",
-            )
-            .await?;
-        let id = id.as_str().unwrap_or_default().to_owned();
-        Ok(Person { page, id })
-    }
-}
-
-/// Someone in the room as the pages know them: tiles and stats are keyed by participant id,
-/// and labelled with the name.
-trait InTheRoom {
-    fn id(&self) -> &str;
-    fn name(&self) -> &str;
-}
-
-impl InTheRoom for Person {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn name(&self) -> &str {
-        &self.page.label
-    }
-}
-
-/// A CSS selector for `who`'s tile of `kind` ("camera" or "screen") on someone else's page.
-fn tile_selector(who: &impl InTheRoom, kind: &str) -> String {
-    format!(
-        "#grid .tile[data-local='false'][data-participant-id='{}'][data-kind='{kind}']",
-        who.id()
-    )
-}
-
-/// A JavaScript string literal.
-fn js(text: &str) -> String {
-    serde_json::to_string(text).unwrap()
-}
-
-/// Waits until `viewer` decodes moving video from `sender`'s `kind` tile: `framesDecoded`
-/// rises by a clear margin, the frame has a size, and the tile shows it live.
-/// Returns the last stats entry.
-async fn wait_for_moving_video(
-    viewer: &Person,
-    sender: &impl InTheRoom,
-    kind: &str,
-) -> Result<Value> {
-    let entry = |min_frames: u64| {
-        format!(
-            "sfuTest.stats().then(list => list.find(s => s.participant_id === {id} && \
-             s.kind === {kind} && s.framesDecoded > {min_frames} && s.frameWidth > 0) ?? null)",
-            id = js(sender.id()),
-            kind = js(kind),
-        )
-    };
-    let what = format!("{}'s {kind} video to decode", sender.name());
-    let first = viewer.page.wait_for(&entry(0), WAIT, &what).await?;
-    let first_count = first["framesDecoded"].as_u64().unwrap_or_default();
-    let what = format!(
-        "{}'s {kind} video to keep decoding (from {first_count} frames)",
-        sender.name()
-    );
-    let later = viewer
-        .page
-        .wait_for(&entry(first_count + FRAMES_THAT_PROVE_MOTION), WAIT, &what)
-        .await?;
-    let selector = js(&tile_selector(sender, kind));
-    viewer
-        .page
-        .wait_for(
-            &format!("document.querySelector({selector})?.dataset.status === 'live'"),
-            WAIT,
-            &format!("{}'s {kind} tile to show live video", sender.name()),
-        )
-        .await?;
-    Ok(later)
-}
 
 /// Waits until `viewer` sees `attribute` (a `data-*` name) of `sender`'s camera tile at `value`.
 async fn wait_for_tile_attribute(
@@ -233,21 +132,13 @@ async fn call_page_works_in_chromium() {
     browser.close().await;
 }
 
-/// Runs one part of the story, naming it in the error and printing how long it took.
-async fn step<T>(name: &str, part: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    let started = Instant::now();
-    let outcome = part.await.map_err(|e| CdpError(format!("{name}: {e}")));
-    println!("{name}: {:.1?}", started.elapsed());
-    outcome
-}
-
 /// The whole story, in the order a call goes; each step leaves the call as the next expects.
 async fn call_in_three_windows(browser: &Browser, server: Server) -> Result<()> {
     let base = format!("http://{}", server.addr);
     let (mut ada, mut bob, mut cy) = step("three people join through the link", async {
-        let ada = Person::join(browser, &base, "Ada").await?;
-        let bob = Person::join(browser, &base, "Bob").await?;
-        let cy = Person::join(browser, &base, "Cy").await?;
+        let ada = Person::join(browser, &base, ROOM, "Ada").await?;
+        let bob = Person::join(browser, &base, ROOM, "Bob").await?;
+        let cy = Person::join(browser, &base, ROOM, "Cy").await?;
         Ok((ada, bob, cy))
     })
     .await?;

@@ -830,6 +830,7 @@ impl ParticipantTask {
     /// Splits the subscriber's estimated downlink among its video tracks (audio is small and
     /// always forwarded), so each simulcast track picks the best layer that fits its share.
     fn share_bandwidth(&mut self, bps: u64) {
+        tracing::debug!(participant = %self.id, bps, "subscriber bandwidth estimate (REMB)");
         let audio = self
             .down_tracks
             .values()

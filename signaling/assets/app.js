@@ -1,17 +1,21 @@
 // app.js — entry point of the call page. Reads the URL (`?room=R&name=N` joins at once,
-// `?token=…` is passed on), shows the join form or the call view, wires the controls to the
-// Call (call.js), renders the Call's state through view.js, and exposes the read-only
+// `?token=…` is passed on, `?simulcast=1`/`0` overrides whether the camera is sent as
+// simulcast layers), shows the join form or the call view, wires the controls to the
+// Call (call.js), renders the Call's state through view.js, turns tile sizes and focus into
+// the simulcast quality asked for each received video (quality.js), and exposes the
 // end-to-end test hook `window.sfuTest`.
 
 import { Call, validateJoin } from './call.js';
 import { AudioSinks, ChatView, Notices, TileGrid, toast } from './view.js';
+import { QUALITIES, wantedQualities } from './quality.js';
+import { SIMULCAST_BY_DEFAULT } from './peers.js';
 
 const $ = (id) => document.getElementById(id);
 const NAME_KEY = 'sfu-call.name';
 const MAX_RECORDED_ERRORS = 20;
 
 const ui = {
-  grid: new TileGrid($('grid'), $('tile-template')),
+  grid: new TileGrid($('grid'), $('tile-template'), () => updateQualities()),
   audio: new AudioSinks($('audio-sinks'), () => showAudioBlocked()),
   chat: new ChatView($('chat-messages')),
   notices: new Notices($('notices')),
@@ -21,6 +25,8 @@ const ui = {
 let call = null;
 /** `?token=` from the page URL, sent with every join */
 let token = null;
+/** `?simulcast=` from the page URL: true or false overrides SIMULCAST_BY_DEFAULT, null keeps it. */
+let simulcastParam = null;
 /** The tile specs last rendered (the test hook reads them for stats). */
 let lastSpecs = [];
 let renderQueued = false;
@@ -28,10 +34,15 @@ let unreadChat = 0;
 let audioBlocked = false;
 /** Error sentences shown to the user, newest last (for the test hook). */
 const shownErrors = [];
+/** participant id → quality forced for their camera by the test hook (`sfuTest.setQuality`). */
+const qualityOverrides = new Map();
+/** tile key → the quality that tile wants now (for the test hook's stats). */
+let wantedByKey = new Map();
 
 function boot() {
   const params = new URLSearchParams(window.location.search);
   token = params.get('token');
+  simulcastParam = { 1: true, on: true, 0: false, off: false }[params.get('simulcast') ?? ''] ?? null;
   const room = params.get('room') ?? '';
   const name = (params.get('name') ?? storedName()).trim();
   $('room').value = room;
@@ -85,7 +96,7 @@ function startCall({ room, name }) {
   $('call-view').hidden = false;
   document.title = `${room} · Call`;
   setChatOpen(window.innerWidth >= 900);
-  call = new Call({ room, name, token });
+  call = new Call({ room, name, token, simulcast: simulcastParam ?? SIMULCAST_BY_DEFAULT });
   call.addEventListener('change', scheduleRender);
   call.addEventListener('notice', ({ detail }) => {
     ui.notices.set(detail.key, detail.text, detail.level, detail.action);
@@ -104,6 +115,7 @@ function startCall({ room, name }) {
 function onEnded(error) {
   call = null;
   lastSpecs = [];
+  wantedByKey = new Map();
   ui.grid.clear();
   ui.audio.clear();
   ui.chat.clear();
@@ -128,6 +140,7 @@ function render() {
   try {
     lastSpecs = tileSpecs(call);
     ui.grid.sync(lastSpecs);
+    updateQualities();
     ui.audio.sync(audioSinks(call));
     renderStatus(call);
     renderControls(call);
@@ -214,6 +227,27 @@ function remoteSpecs(current, participant, speaker) {
     });
   }
   return specs;
+}
+
+/**
+ * Recomputes the quality each remote video tile wants (from its width in device pixels and
+ * the focus) and lets the Call tell the server about the ones that changed.
+ */
+function updateQualities() {
+  if (!call) return;
+  const scale = window.devicePixelRatio || 1;
+  const tiles = lastSpecs
+    .filter((spec) => !spec.local && spec.trackId !== null)
+    .map((spec) => ({
+      key: spec.key,
+      participantId: spec.participantId,
+      kind: spec.kind,
+      trackId: spec.trackId,
+      width: ui.grid.widthOf(spec.key) * scale,
+    }));
+  const wanted = wantedQualities(tiles, ui.grid.focusKey, qualityOverrides);
+  wantedByKey = new Map(wanted.map((entry) => [entry.key, entry.quality]));
+  call.setQualities(wanted);
 }
 
 /** One audio player per received audio track of a participant still in the room. */
@@ -449,14 +483,32 @@ function recordError(text) {
   if (shownErrors.length > MAX_RECORDED_ERRORS) shownErrors.shift();
 }
 
-// ---- end-to-end test hook (read-only) ----
+// ---- end-to-end test hook ----
 
 function installTestHook() {
   const hook = {
     /** A snapshot of the page's state; see the shape below. */
     state: () => snapshot(),
-    /** Per remote tile: decoded video frames and size, from the subscriber pc's getStats. */
+    /**
+     * Per remote tile: decoded video frames and size (subscriber pc's getStats), the quality
+     * the tile wants and the one the server was asked for.
+     */
     stats: () => remoteVideoStats(),
+    /** What this page sends: per camera/screen encoding (rid) and the microphone's level. */
+    sendStats: () => sendStats(),
+    /**
+     * The one hook that changes the page, for tests only: forces the quality this page asks
+     * for `participantId`'s camera ('low', 'medium' or 'high') whatever its tile's size or
+     * focus, so a test can compare layers without depending on the window's size; null hands
+     * it back to the tile. Returns the qualities now wanted, by tile key.
+     */
+    setQuality: (participantId, quality) => {
+      if (quality === null) qualityOverrides.delete(String(participantId));
+      else if (QUALITIES.includes(quality)) qualityOverrides.set(String(participantId), quality);
+      else throw new Error(`quality must be one of ${QUALITIES.join(', ')} or null`);
+      updateQualities();
+      return Object.fromEntries(wantedByKey);
+    },
   };
   Object.defineProperty(window, 'sfuTest', { value: Object.freeze(hook), writable: false, configurable: false });
 }
@@ -469,6 +521,7 @@ function domTiles() {
     audio_muted: tile.dataset.audioMuted === 'true',
     video_muted: tile.dataset.videoMuted === 'true',
     speaking: tile.dataset.speaking === 'true',
+    focused: tile.dataset.focused === 'true',
     status: tile.dataset.status,
     label: tile.querySelector('.tile-name')?.textContent ?? '',
   }));
@@ -490,7 +543,13 @@ function snapshot() {
     tracks: Object.fromEntries(
       participants.map((p) => [
         p.id,
-        [...p.tracks.values()].map((t) => ({ track_id: t.id, kind: t.kind, role: t.role, muted: t.muted })),
+        [...p.tracks.values()].map((t) => ({
+          track_id: t.id,
+          kind: t.kind,
+          role: t.role,
+          muted: t.muted,
+          simulcast: t.simulcast,
+        })),
       ]),
     ),
     tiles: [...new Set(remoteTiles.map((tile) => tile.participant_id))],
@@ -537,8 +596,51 @@ async function remoteVideoStats() {
       framesDecoded: entry?.framesDecoded ?? 0,
       frameWidth: entry?.frameWidth ?? 0,
       frameHeight: entry?.frameHeight ?? 0,
+      wantedQuality: wantedByKey.get(spec.key) ?? null,
+      quality: spec.trackId !== null && current ? current.qualityOf(spec.trackId) : null,
     };
   });
+}
+
+/**
+ * What the publisher pc sends, from its getStats: `camera` is the capture's size and rate,
+ * `availableOutgoingBitrate` the browser's estimate of its uplink (what its layers must fit);
+ * `video` has one entry per encoding (a simulcast camera has one per rid) with its size,
+ * frames and why the browser limits it;
+ * `mic` is the microphone's level as captured (`audioLevel` 0–1, and the running energy and
+ * duration that give its average power over any interval).
+ */
+async function sendStats() {
+  const pc = call?.session?.publisher?.pc;
+  const settings = call?.media.camera?.getSettings?.() ?? null;
+  const camera = settings && { width: settings.width ?? 0, height: settings.height ?? 0, frameRate: settings.frameRate ?? 0 };
+  const result = { camera, availableOutgoingBitrate: null, video: [], mic: null };
+  if (!pc || pc.signalingState === 'closed') return result;
+  const report = await pc.getStats();
+  report.forEach((entry) => {
+    if (entry.type === 'outbound-rtp' && (entry.kind ?? entry.mediaType) === 'video') {
+      result.video.push({
+        mid: entry.mid ?? null,
+        rid: entry.rid ?? null,
+        active: entry.active ?? true,
+        frameWidth: entry.frameWidth ?? 0,
+        frameHeight: entry.frameHeight ?? 0,
+        framesEncoded: entry.framesEncoded ?? 0,
+        bytesSent: entry.bytesSent ?? 0,
+        qualityLimitationReason: entry.qualityLimitationReason ?? null,
+      });
+    } else if (entry.type === 'candidate-pair' && entry.nominated && entry.availableOutgoingBitrate !== undefined) {
+      result.availableOutgoingBitrate = entry.availableOutgoingBitrate;
+    } else if (entry.type === 'media-source' && entry.kind === 'audio') {
+      result.mic = {
+        audioLevel: entry.audioLevel ?? 0,
+        totalAudioEnergy: entry.totalAudioEnergy ?? 0,
+        totalSamplesDuration: entry.totalSamplesDuration ?? 0,
+      };
+    }
+  });
+  result.video.sort((a, b) => String(a.mid).localeCompare(String(b.mid)) || a.frameWidth - b.frameWidth);
+  return result;
 }
 
 /** A reused m-section can leave an older inbound-rtp entry behind: keep the most recent one. */

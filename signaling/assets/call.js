@@ -1,7 +1,8 @@
 // call.js — owns one call from join to leave: the signaling WebSocket (JSON frames, `join`,
 // automatic reconnect with exponential backoff and a rejoin with fresh peer connections),
 // the peer connections of each session (peers.js), the room model fed by server messages
-// (room.js), and the user's actions: mute, screen share, chat, device switching, leave.
+// (room.js), the simulcast quality asked of the server per received track, and the user's
+// actions: mute, screen share, chat, device switching, leave.
 //
 // The UI listens to its events:
 //   'change'  something visible changed: re-render from the Call's state
@@ -140,11 +141,13 @@ const HANDLERS = new Map([
 ]);
 
 export class Call extends EventTarget {
-  constructor({ room, name, token = null }) {
+  constructor({ room, name, token = null, simulcast = false }) {
     super();
     this.roomName = room;
     this.name = name;
     this.token = token || null;
+    /** Whether the camera is published as simulcast layers (peers.js CAMERA_LAYERS). */
+    this.simulcast = simulcast;
     /** 'connecting' | 'joined' | 'reconnecting' | 'ended' */
     this.phase = 'connecting';
     this.media = new LocalMedia();
@@ -210,6 +213,35 @@ export class Call extends EventTarget {
     return loose;
   }
 
+  /**
+   * Asks the server for the layer each received simulcast video track should arrive in.
+   * `wanted` is a list of `{ participantId, trackId, quality }` (see quality.js). A
+   * `set_quality` goes out only for a simulcast track this page receives (its transceiver is
+   * bound to that track id) and only when the quality differs from what the server has: until
+   * told otherwise it sends `high`, and it forgets what we asked when it stops sending a track.
+   */
+  setQualities(wanted) {
+    const session = this.session;
+    if (!session?.joined) return;
+    const received = new Set([...this.bindings.values()].map((binding) => binding.trackId));
+    for (const trackId of session.qualities.keys()) {
+      if (!received.has(trackId)) session.qualities.delete(trackId);
+    }
+    for (const { participantId, trackId, quality } of wanted) {
+      const track = this.room.participants.get(participantId)?.tracks.get(trackId);
+      if (!track?.simulcast || !received.has(trackId)) continue;
+      if ((session.qualities.get(trackId) ?? 'high') === quality) continue;
+      if (session.socket.send({ type: 'set_quality', track_id: track.wireId, quality })) {
+        session.qualities.set(trackId, quality);
+      }
+    }
+  }
+
+  /** The quality the server has for a received track (`high` unless we asked otherwise). */
+  qualityOf(trackId) {
+    return this.session?.qualities.get(trackId) ?? 'high';
+  }
+
   // ---- lifecycle ----
 
   /** Joins at once and opens camera and microphone meanwhile (the prompt may take a while). */
@@ -236,6 +268,11 @@ export class Call extends EventTarget {
       subscriber: null,
       /** track_id → { id, wireId, mid, kind, muted } for our own published tracks */
       ownTracks: new Map(),
+      /**
+       * track_id → the quality the server has for a received simulcast track, for those we
+       * asked to differ from its default (`high`); forgotten when the track stops arriving.
+       */
+      qualities: new Map(),
       /** set by a fatal `error`; ends the call when the socket closes */
       fatal: null,
       joinTimer: null,
@@ -499,7 +536,7 @@ export class Call extends EventTarget {
     if (!session?.joined) return;
     const missing = this.media.roles().filter((role) => !session.publisher?.transceiverFor(role));
     if (missing.length === 0) return;
-    session.publisher ??= new Publisher(this.peerOptions(session, 'publisher'));
+    session.publisher ??= new Publisher({ ...this.peerOptions(session, 'publisher'), simulcast: this.simulcast });
     for (const role of missing) {
       const stream = role === 'screen' ? this.media.screenStream : this.media.stream;
       session.publisher.addRole(role, this.media[role], stream);

@@ -1,11 +1,33 @@
 // peers.js — owns the two RTCPeerConnections of one session, named as in protocol.md:
-//   Publisher  — the page offers; sendonly transceivers for mic, camera and screen share.
+//   Publisher  — the page offers; sendonly transceivers for mic, camera (three simulcast
+//                layers) and screen share (one layer).
 //   Subscriber — the server offers; the page answers every offer, even one with nothing to
 //                receive, and maps each receiving m-section to (participant_id, track_id)
 //                through its msid.
 // Both trickle ICE and buffer server candidates that arrive before the remote description.
 
 const ANSWER_TIMEOUT_MS = 15_000;
+
+/**
+ * Whether the camera goes out as simulcast layers unless the page URL says `?simulcast=1` or
+ * `?simulcast=0`. Off until the server handles two things it does not yet (README, "What
+ * adapts, and how"): a publisher renegotiation (starting a screen share) makes webrtc-rs forget
+ * the layers' SSRCs, so the camera freezes for everyone; and its REMB-based budget never lets
+ * a subscriber climb back above the layer it receives, so tiles stay at the smallest layer.
+ */
+export const SIMULCAST_BY_DEFAULT = false;
+
+/**
+ * The camera's simulcast layers, smallest first: a quarter, half and full size of the
+ * 1280×720 capture (320×180, 640×360, 1280×720), capped at bitrates that look clean at those
+ * sizes at 30 fps. The server ranks layers by their resolution, not by these rids; a screen
+ * share stays one layer (its detail matters more than scaling it for small tiles).
+ */
+export const CAMERA_LAYERS = [
+  { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: 'f', scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
+];
 
 /** Adds a server candidate; `null` means end of candidates. Failures are not fatal. */
 async function addCandidate(pc, init) {
@@ -81,8 +103,10 @@ class Peer {
 
 /** Sends our media. Offers are serialised: one in flight, later requests coalesced. */
 export class Publisher extends Peer {
+  /** @param {object} options as for Peer, plus `simulcast` (send the camera as CAMERA_LAYERS) */
   constructor(options) {
     super('publisher', options);
+    this.simulcast = Boolean(options.simulcast);
     /** @type {Map<RTCRtpTransceiver, 'mic'|'camera'|'screen'>} */
     this.roles = new Map();
     this.negotiating = false;
@@ -95,11 +119,20 @@ export class Publisher extends Peer {
   }
 
   /**
-   * The camera's transceiver, added in exactly one place so that simulcast can later pass
-   * `sendEncodings` here (e.g. three rids scaled by 4, 2 and 1).
+   * The camera's transceiver, sent as three simulcast layers (CAMERA_LAYERS) when `simulcast`
+   * is on, so the server can give each viewer the size its tile needs. A browser that refuses
+   * `sendEncodings` with rids gets one plain encoding; one that accepts them but is answered
+   * without simulcast (or whose camera is too small for three layers) sends fewer layers by
+   * itself.
    */
   addCameraTransceiver(track, stream) {
-    return this.addSendonly('camera', track, stream, {});
+    if (!this.simulcast) return this.addSendonly('camera', track, stream, {});
+    try {
+      return this.addSendonly('camera', track, stream, { sendEncodings: CAMERA_LAYERS.map((layer) => ({ ...layer })) });
+    } catch (err) {
+      console.warn('[peers] this browser cannot send simulcast; sending the camera as one layer', err);
+      return this.addSendonly('camera', track, stream, {});
+    }
   }
 
   addScreenTransceiver(track, stream) {

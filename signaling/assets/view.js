@@ -1,6 +1,8 @@
 // view.js — owns the call page's DOM: the tile grid (one keyed tile per camera or screen
-// share), the hidden remote-audio players, the chat list, the notice banner and toasts.
-// It renders plain data handed to it by app.js and never talks to the network.
+// share; a click enlarges a tile and shrinks the others to a strip, a second click restores
+// the grid; each tile's size on screen is measured for the quality it asks for), the hidden
+// remote-audio players, the chat list, the notice banner and toasts. It renders plain data
+// handed to it by app.js and never talks to the network.
 
 /** Creates an element: `el('p', { class: 'x', 'data-a': 1 }, 'text', child)`. */
 export function el(tag, attrs = {}, ...children) {
@@ -56,8 +58,16 @@ class Tile {
     this.statusText = this.root.querySelector('.tile-status');
     this.spec = null;
     this.track = null;
+    /** Width on screen in CSS pixels, as last measured by the grid's ResizeObserver. */
+    this.width = 0;
     this.refresh = () => this.refreshStatus();
     for (const type of VIDEO_EVENTS) this.video.addEventListener(type, this.refresh);
+  }
+
+  setFocused(focused) {
+    this.root.dataset.focused = String(focused);
+    const hint = focused ? 'Click to show everyone' : 'Click to enlarge';
+    if (this.root.title !== hint) this.root.title = hint;
   }
 
   update(spec) {
@@ -128,12 +138,64 @@ function columnsFor(count, width) {
 }
 
 export class TileGrid {
-  constructor(grid, template) {
+  /**
+   * @param {() => void} onChange runs when a tile's size on screen or the focus changes
+   *   (what each tile should receive depends on both)
+   */
+  constructor(grid, template, onChange = () => {}) {
     this.grid = grid;
     this.template = template;
+    this.onChange = onChange;
     /** @type {Map<string, Tile>} */
     this.tiles = new Map();
+    /** The key of the enlarged tile, or null for the plain grid. */
+    this.focusKey = null;
+    this.resizeObserver = typeof ResizeObserver === 'function'
+      ? new ResizeObserver((entries) => this.measured(entries))
+      : null;
     window.addEventListener('resize', () => this.layout());
+    // One listener for every tile, present and future: a click or Enter/Space toggles focus.
+    grid.addEventListener('click', (event) => this.toggleFocusFrom(event.target));
+    grid.addEventListener('keydown', (event) => {
+      if (event.key !== 'Enter' && event.key !== ' ') return;
+      if (this.toggleFocusFrom(event.target)) event.preventDefault();
+    });
+  }
+
+  measured(entries) {
+    let changed = false;
+    for (const entry of entries) {
+      const tile = [...this.tiles.values()].find((t) => t.root === entry.target);
+      const width = entry.borderBoxSize?.[0]?.inlineSize ?? entry.contentRect.width;
+      if (tile && tile.width !== width) {
+        tile.width = width;
+        changed = true;
+      }
+    }
+    if (changed) this.onChange();
+  }
+
+  /** Width on screen of the tile with `key`, in CSS pixels (0 before it is laid out). */
+  widthOf(key) {
+    return this.tiles.get(key)?.width ?? 0;
+  }
+
+  /** Toggles focus on the tile an event happened in. Returns whether there was one. */
+  toggleFocusFrom(target) {
+    const root = target instanceof Element ? target.closest('.tile') : null;
+    const key = [...this.tiles].find(([, tile]) => tile.root === root)?.[0];
+    if (key === undefined) return false;
+    this.setFocus(this.focusKey === key ? null : key);
+    return true;
+  }
+
+  /** Enlarges the tile with `key` (null: back to the plain grid). */
+  setFocus(key) {
+    const next = key !== null && this.tiles.has(key) ? key : null;
+    if (next === this.focusKey) return;
+    this.focusKey = next;
+    this.layout();
+    this.onChange();
   }
 
   /** Makes the grid show exactly these tiles, in this order, reusing existing elements. */
@@ -141,15 +203,18 @@ export class TileGrid {
     const wanted = new Set(specs.map((spec) => spec.key));
     for (const [key, tile] of this.tiles) {
       if (!wanted.has(key)) {
+        this.resizeObserver?.unobserve(tile.root);
         tile.destroy();
         this.tiles.delete(key);
       }
     }
+    if (this.focusKey !== null && !wanted.has(this.focusKey)) this.focusKey = null;
     specs.forEach((spec, index) => {
       let tile = this.tiles.get(spec.key);
       if (!tile) {
         tile = new Tile(this.template);
         this.tiles.set(spec.key, tile);
+        this.resizeObserver?.observe(tile.root);
       }
       tile.update(spec);
       const current = this.grid.children[index];
@@ -166,6 +231,8 @@ export class TileGrid {
     const cols = columnsFor(count, window.innerWidth);
     this.grid.style.setProperty('--cols', String(cols));
     this.grid.style.setProperty('--rows', String(Math.ceil(count / cols)));
+    this.grid.dataset.focus = String(this.focusKey !== null);
+    for (const [key, tile] of this.tiles) tile.setFocused(key === this.focusKey);
   }
 
   clear() {

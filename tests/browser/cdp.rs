@@ -6,6 +6,8 @@
 //! page), request/response matching by id, and each page's console errors and uncaught
 //! exceptions kept so that a failing test can show what the page said.
 
+#![allow(dead_code)] // each browser test binary uses its own part of this driver
+
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};

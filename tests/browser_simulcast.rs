@@ -1,0 +1,396 @@
+//! Simulcast on the call page, in real headless Chromium against the real server: with
+//! `?simulcast=1` a page sends its camera as three layers (rids q, h, f: 320, 640 and 1280
+//! pixels wide from the fake 1280×720 camera), the server announces the track as simulcast, and
+//! each page asks for the layer each tile needs: the quality forced by the test hook, `high`
+//! for an enlarged (focused) tile and `low` for the strip of small tiles beside it, and in the
+//! plain grid the quality for the tile's width. What the pages decode is checked against that:
+//! a tile at `low` decodes exactly the smallest layer, no tile decodes a layer larger than it
+//! asked for, and the video keeps decoding through every change (no freeze).
+//!
+//! Sizes are measured, not assumed: `frameWidth` and `framesDecoded` come from the subscriber
+//! connection's getStats through the page's `sfuTest.stats()` hook, the layers' sizes from the
+//! publisher's through `sfuTest.sendStats()`.
+//!
+//! Not checked yet: that `high` gets a *larger* picture than `low`. Chromium sends REMB on the
+//! subscriber connection whatever is negotiated, its estimate stays near 1.5 times what it
+//! already receives, and the server's REMB budget therefore keeps a subscriber on the layer it
+//! receives (often the smallest); see the README, "What adapts, and how".
+
+#[path = "browser/call_page.rs"]
+mod call_page;
+#[path = "browser/cdp.rs"]
+mod cdp;
+mod common;
+
+use call_page::{
+    fail, js, stats_entry, step, tile_selector, wait_for_moving_video, InTheRoom, Person, Result,
+    FRAMES_THAT_PROVE_MOTION, WAIT,
+};
+use cdp::Browser;
+use common::start_server;
+use signaling::Server;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const ROOM: &str = "simulcast";
+/// Big enough for the desktop layout: a 3-person grid of two columns beside the open chat,
+/// whose tiles (about 460 pixels wide) want the middle layer.
+const CHROMIUM_FLAGS: &[&str] = &["--window-size=1280,800"];
+/// A switched-to layer starts at its next keyframe, which the server requests at once; after
+/// that the video must keep decoding. Both within this long, or the switch counts as a freeze.
+const SWITCH_WAIT: Duration = Duration::from_secs(5);
+
+/// Where the test saves what a page with an enlarged tile looks like.
+fn screenshot_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser-simulcast/enlarged-tile.png")
+}
+
+/// Where a failing run leaves a screenshot of every page.
+fn failure_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser-simulcast/failure")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulcast_layers_follow_what_each_tile_needs() {
+    let Some(chromium) = cdp::chromium_or_skip() else {
+        return;
+    };
+    let server = start_server(&[]).await;
+    let browser = Browser::launch(&chromium, CHROMIUM_FLAGS)
+        .await
+        .unwrap_or_else(|e| panic!("Chromium did not start: {e}"));
+    let outcome = simulcast_call(&browser, &server).await;
+    if let Err(e) = outcome {
+        let screenshots = browser.screenshot_every_page(&failure_dir()).await;
+        let stderr = browser.stderr_tail();
+        browser.close().await;
+        panic!(
+            "{e}\n--- what each page showed ---\n{screenshots}\n\
+             --- Chromium's last stderr lines ---\n{stderr}"
+        );
+    }
+    browser.close().await;
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The three layers' nominal widths (the capture scaled by 4, 2 and 1, as the page asks), for
+/// the qualities that name them.
+#[derive(Debug, Clone, Copy)]
+struct LayerWidths {
+    low: u64,
+    medium: u64,
+    high: u64,
+}
+
+impl LayerWidths {
+    /// The widest picture a tile at `quality` may receive.
+    fn cap(&self, quality: &str) -> u64 {
+        match quality {
+            "low" => self.low,
+            "medium" => self.medium,
+            _ => self.high,
+        }
+    }
+}
+
+async fn simulcast_call(browser: &Browser, server: &Server) -> Result<()> {
+    let base = format!("http://{}", server.addr);
+    let (ada, bob, cy) = step("three people join with simulcast on", async {
+        let join = |name: &'static str| {
+            let url = format!("{base}/?room={ROOM}&name={name}&simulcast=1");
+            async move { Person::join_at(browser, name, &url).await }
+        };
+        Ok((join("Ada").await?, join("Bob").await?, join("Cy").await?))
+    })
+    .await?;
+    step("everyone sees the others' moving video", async {
+        for (viewer, sender) in [
+            (&ada, &bob),
+            (&ada, &cy),
+            (&bob, &ada),
+            (&bob, &cy),
+            (&cy, &ada),
+            (&cy, &bob),
+        ] {
+            wait_for_moving_video(viewer, sender, "camera").await?;
+        }
+        Ok(())
+    })
+    .await?;
+    let layers = step(
+        "Ada's camera goes out as three layers, announced as simulcast",
+        three_layers_announced(&ada, &bob),
+    )
+    .await?;
+    step(
+        "a page at low decodes the smallest layer",
+        low_gets_the_smallest_layer(&bob, &ada, layers),
+    )
+    .await?;
+    step(
+        "an enlarged tile asks for high, the strip gets the smallest layer",
+        focus_follows_clicks(&bob, &ada, &cy, layers),
+    )
+    .await?;
+    step(
+        "in the grid each tile asks for the quality its width needs",
+        grid_tiles_follow_their_size(&bob, &[&ada, &cy], layers),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Waits until `publisher` sends its camera as the three rids q, h and f, the first two
+/// encoding at a quarter and half of the 1280×720 capture (the third too, once the publisher's
+/// bandwidth estimate allows it), and checks that `viewer` was told the track is simulcast.
+async fn three_layers_announced(publisher: &Person, viewer: &Person) -> Result<LayerWidths> {
+    let sent = publisher
+        .page
+        .wait_for(
+            "sfuTest.sendStats().then(s => { \
+               const by = Object.fromEntries(s.video.filter(e => e.rid).map(e => [e.rid, e])); \
+               return by.q?.framesEncoded > 0 && by.h?.framesEncoded > 0 && by.f ? s : null; })",
+            WAIT,
+            "the camera's layers q and h to be encoded (and f to exist)",
+        )
+        .await?;
+    let capture = (
+        sent["camera"]["width"].as_u64().unwrap_or_default(),
+        sent["camera"]["height"].as_u64().unwrap_or_default(),
+    );
+    if capture != (1280, 720) {
+        return fail(format!(
+            "the camera captures {capture:?}, not the 1280×720 asked for"
+        ));
+    }
+    let layers = LayerWidths {
+        low: capture.0 / 4,
+        medium: capture.0 / 2,
+        high: capture.0,
+    };
+    let width_of = |rid: &str| {
+        sent["video"]
+            .as_array()
+            .and_then(|list| list.iter().find(|e| e["rid"] == rid))
+            .and_then(|e| e["frameWidth"].as_u64())
+            .unwrap_or_default()
+    };
+    let widths = (width_of("q"), width_of("h"), width_of("f"));
+    println!("Ada's layers q, h, f are {widths:?} pixels wide (0: not sent yet)");
+    if widths.0 != layers.low || widths.1 != layers.medium || ![0, layers.high].contains(&widths.2)
+    {
+        return fail(format!(
+            "the layers q, h, f are {widths:?} pixels wide, not {layers:?}; sent: {sent}"
+        ));
+    }
+    let announced = viewer
+        .page
+        .eval(&format!(
+            "sfuTest.state().tracks[{id}]?.find(t => t.role === 'camera') ?? null",
+            id = js(publisher.id())
+        ))
+        .await?;
+    if announced["simulcast"] != true {
+        return fail(format!(
+            "{} was told about {}'s camera as {announced}, not as a simulcast track",
+            viewer.name(),
+            publisher.name()
+        ));
+    }
+    Ok(layers)
+}
+
+/// The test hook forces a quality for `sender`'s camera on `viewer`'s page (None: the tile's
+/// own choice again).
+async fn force_quality(viewer: &Person, sender: &Person, quality: Option<&str>) -> Result<()> {
+    let quality = quality.map_or("null".to_owned(), js);
+    viewer
+        .page
+        .eval(&format!(
+            "sfuTest.setQuality({id}, {quality})",
+            id = js(sender.id())
+        ))
+        .await
+        .map(drop)
+}
+
+/// Waits until `viewer` has asked for `quality` for `sender`'s camera and decodes it between
+/// `min_width` and `max_width` pixels wide, then checks that it keeps decoding: all within
+/// SWITCH_WAIT of `since`. Returns the width and how long it took.
+async fn decodes_within(
+    viewer: &Person,
+    sender: &Person,
+    quality: &str,
+    (min_width, max_width): (u64, u64),
+    since: Instant,
+) -> Result<(u64, Duration)> {
+    let condition = format!(
+        "sfuTest.stats().then(list => list.find(s => s.participant_id === {id} && \
+         s.kind === 'camera' && s.quality === {quality} && s.frameWidth >= {min_width} && \
+         s.frameWidth <= {max_width}) ?? null)",
+        id = js(sender.id()),
+        quality = js(quality),
+    );
+    let what = format!(
+        "{}'s camera at {quality}, {min_width} to {max_width} pixels wide, on {}'s page",
+        sender.name(),
+        viewer.name()
+    );
+    let entry = viewer.page.wait_for(&condition, SWITCH_WAIT, &what).await?;
+    let took = since.elapsed();
+    let width = entry["frameWidth"].as_u64().unwrap_or_default();
+    let frames = entry["framesDecoded"].as_u64().unwrap_or_default();
+    let what = format!(
+        "{}'s camera to keep decoding at {quality} (from {frames} frames)",
+        sender.name()
+    );
+    let rest = SWITCH_WAIT.saturating_sub(took).max(Duration::from_secs(2));
+    let moving = viewer
+        .page
+        .wait_for(
+            &stats_entry(sender, "camera", frames + FRAMES_THAT_PROVE_MOTION),
+            rest,
+            &what,
+        )
+        .await;
+    if let Err(e) = moving {
+        return fail(format!("{e}\n{}", publisher_report(sender).await));
+    }
+    Ok((width, took))
+}
+
+/// What `publisher` encodes, twice a second apart: tells a frozen picture whose encoder
+/// stopped from one the server stopped forwarding.
+async fn publisher_report(publisher: &Person) -> String {
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        let sent = publisher.page.eval("sfuTest.sendStats()").await;
+        lines.push(match sent {
+            Ok(sent) => format!("{} sends {sent}", publisher.name()),
+            Err(e) => format!("{}'s send stats: {e}", publisher.name()),
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    lines.join("\n")
+}
+
+/// Bob forces Ada's camera to `low`: he decodes exactly the smallest layer, still moving.
+async fn low_gets_the_smallest_layer(
+    viewer: &Person,
+    sender: &Person,
+    layers: LayerWidths,
+) -> Result<()> {
+    let started = Instant::now();
+    force_quality(viewer, sender, Some("low")).await?;
+    let exactly_low = (layers.low, layers.low);
+    let (_, took) = decodes_within(viewer, sender, "low", exactly_low, started).await?;
+    println!(
+        "at low {} decodes {} pixels wide after {took:.1?}",
+        viewer.name(),
+        layers.low
+    );
+    force_quality(viewer, sender, None).await
+}
+
+/// The width of `sender`'s camera tile on `viewer`'s page, in CSS pixels.
+async fn tile_width(viewer: &Person, sender: &Person) -> Result<f64> {
+    let selector = js(&tile_selector(sender, "camera"));
+    let width = viewer
+        .page
+        .eval(&format!(
+            "document.querySelector({selector})?.getBoundingClientRect().width ?? 0"
+        ))
+        .await?;
+    Ok(width.as_f64().unwrap_or_default())
+}
+
+/// On `viewer`'s page, clicking a tile enlarges it: it asks for `high` and every other tile,
+/// now small in the strip, for `low`, which decodes exactly the smallest layer. Clicking the
+/// other tile moves the focus; a second click on it restores the grid.
+async fn focus_follows_clicks(
+    viewer: &Person,
+    first: &Person,
+    second: &Person,
+    layers: LayerWidths,
+) -> Result<()> {
+    for (focused, other) in [(first, second), (second, first)] {
+        let started = Instant::now();
+        viewer.page.click(&tile_selector(focused, "camera")).await?;
+        let selector = js(&tile_selector(focused, "camera"));
+        viewer
+            .page
+            .wait_for(
+                &format!("document.querySelector({selector})?.dataset.focused === 'true'"),
+                WAIT,
+                &format!("{}'s tile to be enlarged", focused.name()),
+            )
+            .await?;
+        let (big, small) = (
+            tile_width(viewer, focused).await?,
+            tile_width(viewer, other).await?,
+        );
+        if big <= 2.0 * small {
+            return fail(format!(
+                "the enlarged tile is {big} pixels wide and the strip's {small}: not enlarged"
+            ));
+        }
+        let any_layer = (layers.low, layers.high);
+        let (high, high_took) = decodes_within(viewer, focused, "high", any_layer, started).await?;
+        let exactly_low = (layers.low, layers.low);
+        let (_, low_took) = decodes_within(viewer, other, "low", exactly_low, started).await?;
+        println!(
+            "focus on {}: its {big:.0} px tile asks for high and decodes {high} px \
+             ({high_took:.1?}); {}'s {small:.0} px tile decodes the smallest layer ({low_took:.1?})",
+            focused.name(),
+            other.name()
+        );
+        if focused.id == first.id {
+            let path = screenshot_path();
+            viewer.page.screenshot(&path).await?;
+            println!("screenshot of an enlarged tile: {}", path.display());
+        }
+    }
+    viewer.page.click(&tile_selector(second, "camera")).await?;
+    viewer
+        .page
+        .wait_for(
+            "document.getElementById('grid').dataset.focus === 'false'",
+            WAIT,
+            "the grid to come back",
+        )
+        .await
+        .map(drop)
+}
+
+/// In the plain grid, each remote tile asks for the quality its width in device pixels needs
+/// (up to 360: low, up to 720: medium, above: high; quality.js), decodes no larger layer than
+/// that, and keeps decoding.
+async fn grid_tiles_follow_their_size(
+    viewer: &Person,
+    senders: &[&Person],
+    layers: LayerWidths,
+) -> Result<()> {
+    let scale = viewer
+        .page
+        .eval("window.devicePixelRatio")
+        .await?
+        .as_f64()
+        .unwrap_or(1.0);
+    for sender in senders {
+        let started = Instant::now();
+        let width = tile_width(viewer, sender).await? * scale;
+        let quality = match width {
+            w if w <= 360.0 => "low",
+            w if w <= 720.0 => "medium",
+            _ => "high",
+        };
+        let within_cap = (layers.low, layers.cap(quality));
+        let (decoded, took) = decodes_within(viewer, sender, quality, within_cap, started).await?;
+        println!(
+            "{}'s tile, {width:.0} device pixels wide, asks for {quality} and decodes \
+             {decoded} px ({took:.1?})",
+            sender.name()
+        );
+    }
+    Ok(())
+}
