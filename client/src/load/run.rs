@@ -606,19 +606,27 @@ fn live_status(
         send_bps: rate(t.sent_bytes, last.2),
         loss_pct: loss_pct(t.lost, t.expected),
         errors: t.errors,
-        server_cpu_percent: {
-            let samples = lock(samples);
-            match samples.as_slice() {
-                [.., a, b] => super::report::cpu_percent(
-                    Duration::from_secs_f64((b.cpu_seconds - a.cpu_seconds).max(0.0)),
-                    b.at.saturating_duration_since(a.at),
-                ),
-                _ => None,
-            }
-        },
+        server_cpu_percent: recent_server_cpu(&lock(samples)),
     };
     *last = (now, t.received_bytes, t.sent_bytes);
     status
+}
+
+/// Server CPU over the latest readings: the last second, or the last ten when the counter only
+/// counts whole seconds (one second of such a counter reads 0% or 100%).
+fn recent_server_cpu(samples: &[MetricsSample]) -> Option<f64> {
+    let last = samples.last()?;
+    let step = super::report::cpu_counter_step(samples);
+    let window = Duration::from_secs_f64((10.0 * step).max(1.0));
+    let first = samples
+        .iter()
+        .rev()
+        .find(|s| last.at.saturating_duration_since(s.at) >= window)
+        .or_else(|| samples.first())?;
+    super::report::cpu_percent(
+        Duration::from_secs_f64((last.cpu_seconds - first.cpu_seconds).max(0.0)),
+        last.at.saturating_duration_since(first.at),
+    )
 }
 
 #[cfg(test)]
@@ -636,6 +644,24 @@ mod tests {
             names,
             ["pub-0-0", "pub-1-0", "pub-0-1", "pub-1-1", "sub-0-0", "sub-1-0"]
         );
+    }
+
+    #[test]
+    fn live_server_cpu_smooths_a_whole_second_counter() {
+        let base = Instant::now();
+        let sample = |secs: u64, cpu: f64| MetricsSample {
+            at: base + Duration::from_secs(secs),
+            cpu_seconds: cpu,
+            rss_bytes: 0.0,
+        };
+        assert_eq!(recent_server_cpu(&[]), None);
+        assert_eq!(recent_server_cpu(&[sample(0, 1.0)]), None);
+        // Whole seconds: 3 s of CPU over the last 10 s, not the 100% of the last second.
+        let whole: Vec<MetricsSample> = (0..=12).map(|i| sample(i, (i * 3 / 10) as f64)).collect();
+        assert_eq!(recent_server_cpu(&whole), Some(30.0));
+        // Fractions: the last second alone.
+        let fine = [sample(0, 0.0), sample(1, 0.25), sample(2, 0.75)];
+        assert_eq!(recent_server_cpu(&fine), Some(50.0));
     }
 
     #[test]
