@@ -13,7 +13,7 @@ use signaling::Server;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -378,6 +378,11 @@ async fn hostile_sdp_is_refused_up_front_as_invalid_sdp() {
     server.shutdown(SHORT).await;
 }
 
+/// Held by the tests that load the machine most (floods, deaf clients, mutation storms), so
+/// they do not run at the same time as each other: each measures how the server treats the
+/// *other* participants, which a neighbouring test's load on two cores would blur.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Counts panics on tokio worker threads (where the server's tasks run) in this process.
 fn worker_panics() -> &'static AtomicUsize {
     static PANICS: AtomicUsize = AtomicUsize::new(0);
@@ -552,6 +557,7 @@ impl Mutator {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutated_offers_and_answers_never_panic_or_leak() {
+    let _heavy = HEAVY.lock().await;
     let panics = worker_panics();
     let panics_before = panics.load(Ordering::SeqCst);
     let server = start_server(&[]).await;
@@ -857,6 +863,7 @@ async fn oversized_binary_and_control_frames() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_is_bounded_and_the_rest_of_the_room_keeps_its_media() {
+    let _heavy = HEAVY.lock().await;
     let server = start_server(&[]).await;
     let url = ws_url(&server);
     let sender = HeadlessPeer::join(PeerConfig::new(&url, "flood", "sender"))
@@ -870,14 +877,24 @@ async fn a_flood_is_bounded_and_the_rest_of_the_room_keeps_its_media() {
 
     // The flooder joins the same room and sends frames as fast as it can without reading:
     // chats, junk, costly-but-acceptable offers, hostile offers, candidates, binary frames.
-    let flooder = connect(&server).await;
+    let flooder = Arc::new(connect(&server).await);
     join(&flooder, "flood", "flooder").await;
     let costly_offer = serde_json::to_string(&ClientMessage::Offer {
         pc: PcName::Publisher,
         sdp: SDP_HEAD.to_owned() + &(0..64).map(audio_section).collect::<String>(),
     })
     .unwrap();
-    let hostile = hostile_offers();
+    // Serialized once: the flooder's own CPU is shared with the server in this process.
+    let hostile: Vec<String> = hostile_offers()
+        .into_iter()
+        .map(|(_, sdp)| {
+            serde_json::to_string(&ClientMessage::Offer {
+                pc: PcName::Publisher,
+                sdp,
+            })
+            .unwrap()
+        })
+        .collect();
     // The rate before the flood, on this machine under its present load.
     let ((), before) = audio_while(
         &receiver,
@@ -886,67 +903,51 @@ async fn a_flood_is_bounded_and_the_rest_of_the_room_keeps_its_media() {
     )
     .await;
     let baseline = packet_rate(&before);
-    let flood = async {
-        // For 3 s, frames as fast as the server reads them, one in eight a costly offer or
-        // one that must be refused.
-        let flooding = Instant::now();
-        let mut chat_sent_at = None;
-        let mut i = 0usize;
-        while flooding.elapsed() < Duration::from_secs(3) {
-            i += 1;
-            // Halfway through, another participant chats.
-            if chat_sent_at.is_none() && flooding.elapsed() > Duration::from_millis(1500) {
-                sender.chat("still talking").unwrap();
-                chat_sent_at = Some(client::unix_micros() / 1000);
+
+    let sent = Arc::new(AtomicUsize::new(0));
+    let flood_started = Instant::now();
+    let flood = tokio::spawn({
+        let (flooder, sent) = (Arc::clone(&flooder), Arc::clone(&sent));
+        async move {
+            // One frame in eight is a costly offer or one that must be refused.
+            for i in 1usize.. {
+                let result = match i % 8 {
+                    0 => flooder.send_raw(&format!(r#"{{"type":"chat","text":"spam {i}"}}"#)).await,
+                    1 => flooder.send_raw("{definitely not json").await,
+                    2 if i % 16 == 2 => flooder.send_raw(&costly_offer).await,
+                    2 => flooder.send_raw(&hostile[i % hostile.len()]).await,
+                    3 => flooder.send_raw(r#"{"type":"candidate","pc":"publisher","candidate":{"candidate":"candidate:1 1 udp 1 127.0.0.1 9 typ host"}}"#).await,
+                    4 => flooder.send_binary(b"\xff\xfe").await,
+                    5 => flooder.send_raw(r#"{"type":"mute","track_id":"nope","muted":true}"#).await,
+                    6 => flooder.send_raw(r#"{"type":"chat"}"#).await,
+                    _ => flooder.send_raw(r#"{"type":"teleport"}"#).await,
+                };
+                result.expect("the socket stays open during the flood");
+                sent.store(i, Ordering::Relaxed);
             }
-            let result = match i % 8 {
-                0 => {
-                    flooder
-                        .send(&ClientMessage::Chat {
-                            text: format!("spam {i}"),
-                        })
-                        .await
-                }
-                1 => flooder.send_raw("{definitely not json").await,
-                2 if i % 16 == 2 => flooder.send_raw(&costly_offer).await,
-                2 => {
-                    let (_, sdp) = &hostile[i % hostile.len()];
-                    flooder
-                        .send(&ClientMessage::Offer {
-                            pc: PcName::Publisher,
-                            sdp: sdp.clone(),
-                        })
-                        .await
-                }
-                3 => flooder.send_raw(r#"{"type":"candidate","pc":"publisher","candidate":{"candidate":"candidate:1 1 udp 1 127.0.0.1 9 typ host"}}"#).await,
-                4 => flooder.send_binary(b"\xff\xfe").await,
-                5 => flooder.send_raw(r#"{"type":"mute","track_id":"nope","muted":true}"#).await,
-                6 => flooder.send_raw(r#"{"type":"chat"}"#).await,
-                _ => flooder.send_raw(r#"{"type":"teleport"}"#).await,
-            };
-            result.expect("the server keeps reading during the flood");
         }
-        (i, chat_sent_at.expect("the flood lasted 3 s"))
-    };
-    let ((frames, chat_sent_at), during) = audio_while(&receiver, &sender_id, flood).await;
-    // Others are not stalled: the chat sent mid-flood was handled by the server at once and
-    // reached the rest of the room.
-    assert!(
-        receiver
-            .wait_for(SHORT, |s| s.chats.iter().any(|c| c.text == "still talking"))
-            .await,
-        "chat from another participant was stalled by the flood"
-    );
+    });
+    // Three seconds of flood; halfway through, the publisher chats.
+    let ((), during) = audio_while(&receiver, &sender_id, async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        sender.chat("still talking").unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    })
+    .await;
+    flood.abort();
+    let _ = flood.await;
+    let frames = sent.load(Ordering::Relaxed);
+
+    // Others are not stalled: the chat sent mid-flood reached the rest of the room within the
+    // 1.5 s that were left of it.
     let chat = receiver
         .state()
         .chats
         .into_iter()
-        .find(|c| c.text == "still talking")
-        .unwrap();
-    let chat_delay_ms = chat.ts.saturating_sub(chat_sent_at);
+        .find(|c| c.text == "still talking");
     assert!(
-        chat_delay_ms < 1000,
-        "the server took {chat_delay_ms} ms to handle a chat during the flood"
+        chat.is_some(),
+        "chat from another participant was stalled by the flood"
     );
     // Media keeps flowing at the rate it had (Opus: 50 packets per second), without a gap.
     let rate = packet_rate(&during);
@@ -959,26 +960,28 @@ async fn a_flood_is_bounded_and_the_rest_of_the_room_keeps_its_media() {
         stall < Duration::from_secs(1),
         "audio stopped for {stall:?} during the flood"
     );
-    // Replies were bounded: the first burst of 100 is answered, then at most 100
-    // rate_limited, then silence, so a flooder cannot make the server queue without end.
+    // Replies are bounded by the rate limit, not by the flood: the burst of 100 answered,
+    // 100 rate_limited, then what passes at 20 a second and one rate_limited a second.
     let mut replies = 0;
-    while let Some(frame) = flooder.recv_frame_timeout(Duration::from_millis(500)).await {
+    while let Some(frame) = flooder.recv_frame_timeout(Duration::from_millis(200)).await {
         match frame {
             Frame::Closed { .. } => break,
             _ => replies += 1,
         }
     }
+    let bound = 200.0 + 25.0 * flood_started.elapsed().as_secs_f64();
     assert!(
-        replies < 400,
-        "{frames} flooded frames got {replies} replies; they should be bounded"
+        f64::from(replies) <= bound,
+        "{frames} flooded frames got {replies} replies; at most {bound:.0} expected"
     );
     println!(
-        "flood: {frames} frames in 3 s; receiver's audio {baseline:.1} packets/s before, \
-         {rate:.1} during, longest gap {} ms; a chat mid-flood handled in {chat_delay_ms} ms; \
-         {replies} replies to the flooder",
+        "flood: {frames} frames sent in 3 s; receiver's audio {baseline:.1} packets/s before, \
+         {rate:.1} during, longest gap {} ms; {replies} replies to the flooder",
         stall.as_millis()
     );
-    flooder.close().await;
+    // Dropping the socket with replies unread resets the connection: the server does not
+    // have to read the rest of the flood first.
+    drop(flooder);
     assert!(wait_metric(&server, "sfu_participants", 2.0).await);
     assert!(wait_metric(&server, "sfu_published_tracks", 2.0).await);
     sender.leave().await.unwrap();
@@ -989,6 +992,7 @@ async fn a_flood_is_bounded_and_the_rest_of_the_room_keeps_its_media() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_dropped_and_others_are_unaffected() {
+    let _heavy = HEAVY.lock().await;
     let server = start_server(&[]).await;
     // Joins and never reads again, with a tiny receive buffer.
     let mut deaf = RawSocket::open(server.addr, Some(4096)).await.unwrap();

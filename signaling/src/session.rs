@@ -94,19 +94,39 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>) {
         joined: None,
         rate: TokenBucket::new(100, 20, Instant::now()),
         rate_limited_replies: TokenBucket::new(100, 1, Instant::now()),
+        read_budget: TokenBucket::new(
+            u32::try_from(READ_BURST_BYTES.max(2 * state.config.max_frame_bytes))
+                .unwrap_or(u32::MAX),
+            READ_BYTES_PER_SECOND,
+            Instant::now(),
+        ),
         unreachable: Cell::new(false),
     };
     let join_deadline =
         tokio::time::Instant::now() + Duration::from_secs(state.config.join_timeout_secs);
     let shutdown = state.shutdown.clone();
 
+    // Set while the client is over its byte budget: nothing more is read until then, so TCP
+    // holds the client back, while room events still reach it.
+    let mut reading_resumes: Option<tokio::time::Instant> = None;
     let close = loop {
         let flow = tokio::select! {
-            frame = stream.next() => match frame {
-                Some(Ok(message)) => session.on_frame(message).await,
+            frame = stream.next(), if reading_resumes.is_none() => match frame {
+                Some(Ok(message)) => {
+                    let wait = session.read_budget.take_or_wait(frame_bytes(&message), Instant::now());
+                    if !wait.is_zero() {
+                        reading_resumes = Some(tokio::time::Instant::now() + wait);
+                    }
+                    session.on_frame(message).await
+                }
                 Some(Err(e)) => session.on_read_error(e),
                 None => break None,
             },
+            () = tokio::time::sleep_until(reading_resumes.unwrap_or_else(tokio::time::Instant::now)),
+                if reading_resumes.is_some() => {
+                reading_resumes = None;
+                Flow::Continue
+            }
             event = next_event(&mut session.joined) => match event {
                 Some(event) => session.on_event(event),
                 None => Flow::Close(CLOSE_GOING_AWAY, "participant ended"),
@@ -158,6 +178,14 @@ pub async fn run(socket: WebSocket, state: Arc<AppState>) {
     }
 }
 
+fn frame_bytes(frame: &Message) -> f64 {
+    match frame {
+        Message::Text(text) => text.len() as f64,
+        Message::Binary(bytes) => bytes.len() as f64,
+        _ => 0.0,
+    }
+}
+
 async fn next_event(joined: &mut Option<Joined>) -> Option<SfuEvent> {
     match joined {
         Some(joined) => joined.events.recv().await,
@@ -172,11 +200,18 @@ struct Session {
     rate: TokenBucket,
     /// How many dropped frames get a `rate_limited` reply: 100, then one per second.
     rate_limited_replies: TokenBucket,
+    /// Bytes the client may send: beyond it the session stops reading for a while.
+    read_budget: TokenBucket,
     /// Set when the client can no longer be written to (its queue is full or the writer gave
     /// up); the session then ends.
     unreachable: Cell<bool>,
 }
 
+/// What a client may send, in bytes: a burst (at least two of the largest frames) and then a
+/// steady rate far above any real client's signaling (offers are kilobytes), far below what
+/// a flood could make the server read and parse.
+const READ_BURST_BYTES: usize = 2 << 20;
+const READ_BYTES_PER_SECOND: u32 = 512 << 10;
 /// Messages queued for a client before it counts as not reading and is disconnected; far
 /// more than any burst of room events (a join into a full room is about 100 + 800 messages).
 const OUTBOUND_QUEUE: usize = 4096;
