@@ -142,14 +142,16 @@ async fn simulcast_call(browser: &Browser, server: &Server) -> Result<()> {
 
 /// Waits until `publisher` sends its camera as the three rids q, h and f, the first two
 /// encoding at a quarter and half of the 1280×720 capture (the third too, once the publisher's
-/// bandwidth estimate allows it), and checks that `viewer` was told the track is simulcast.
+/// bandwidth estimate allows it: Chromium pauses the layers its uplink estimate cannot carry,
+/// and reports a paused layer 0 pixels wide), and checks that `viewer` was told the track is
+/// simulcast.
 async fn three_layers_announced(publisher: &Person, viewer: &Person) -> Result<LayerWidths> {
     let sent = publisher
         .page
         .wait_for(
             "sfuTest.sendStats().then(s => { \
                const by = Object.fromEntries(s.video.filter(e => e.rid).map(e => [e.rid, e])); \
-               return by.q?.framesEncoded > 0 && by.h?.framesEncoded > 0 && by.f ? s : null; })",
+               return by.q?.frameWidth > 0 && by.h?.frameWidth > 0 && by.f ? s : null; })",
             WAIT,
             "the camera's layers q and h to be encoded (and f to exist)",
         )
