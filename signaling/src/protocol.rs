@@ -1,8 +1,9 @@
 //! The signaling wire format of `shared/protocol.md`: every client and server message as a
 //! serde type, and the parser that applies the contract's error order (`bad_json`, then
 //! `bad_request` for a missing `type`, then `unknown_type`, then the session's `not_joined`,
-//! then the message's own fields). Both the server and the headless clients use these types,
-//! so the two can never drift apart.
+//! then the message's own fields, each failure naming the field), and the limits client SDP
+//! must meet before webrtc-rs sees it. Both the server and the headless clients use these
+//! types, so the two can never drift apart.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

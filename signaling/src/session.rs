@@ -1,8 +1,11 @@
 //! One WebSocket session: reads client frames in order, applies the contract's checks
-//! (size, rate, JSON, type, join state, fields), drives the participant's media through the
-//! `sfu` crate, and writes the room's events back. A separate writer task owns the socket's
-//! sending half; the session ends when the socket closes, the client leaves, the media plane
-//! ends the participant, or the server shuts down, and then nothing of it is left behind.
+//! (size, rate, JSON, type, join state and token, fields, SDP limits), drives the
+//! participant's media through the `sfu` crate, and writes the room's events back. A separate
+//! writer task owns the socket's sending half. What one client can cost is bounded: bytes read
+//! (reading pauses beyond a budget), replies to dropped frames, queued messages and the time
+//! one write may wait. The session ends when the socket closes, the client leaves or stops
+//! reading, the media plane ends the participant, or the server shuts down, and then nothing
+//! of it is left behind.
 
 use crate::protocol::{
     self, ClientMessage, ClientMessageType, ErrorCode, IceCandidate, PcName, ProtocolError,
