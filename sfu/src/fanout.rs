@@ -41,7 +41,7 @@ pub(crate) struct DownTrackSink {
     pub(crate) writer: mpsc::Sender<WriteJob>,
 }
 
-/// Receives an audio track's average level (−dBov) every report interval.
+/// Receives an audio track's loudest level (−dBov) of each report interval.
 pub(crate) type LevelReporter = Box<dyn Fn(f32) + Send + Sync>;
 
 enum Command {
@@ -136,11 +136,11 @@ struct Subscription {
     budget_bps: Option<u64>,
 }
 
-/// Accumulates audio levels between reports.
+/// The loudest audio level (lowest −dBov) since the last report: speech comes in bursts,
+/// and an average over a window with a pause in it would hide a word.
 struct LevelMeter {
     extension_id: u8,
-    sum: u32,
-    count: u32,
+    loudest: Option<u8>,
     next_report: Instant,
     reporter: LevelReporter,
 }
@@ -169,8 +169,7 @@ pub(crate) fn spawn(
     let levels = match (spec.audio_level_id, spec.level_reporter) {
         (Some(extension_id), Some(reporter)) => Some(LevelMeter {
             extension_id,
-            sum: 0,
-            count: 0,
+            loudest: None,
             next_report: now + LEVEL_REPORT_INTERVAL,
             reporter,
         }),
@@ -386,16 +385,16 @@ impl Fanout {
             .find(|e| e.id == meter.extension_id)
             .and_then(|e| e.payload.first())
         {
-            meter.sum += u32::from(level & 0x7f);
-            meter.count += 1;
+            let level = level & 0x7f;
+            meter.loudest = Some(meter.loudest.map_or(level, |l| l.min(level)));
         }
         if now >= meter.next_report {
             meter.next_report = now + LEVEL_REPORT_INTERVAL;
-            if meter.count > 0 && !self.muted {
-                (meter.reporter)(meter.sum as f32 / meter.count as f32);
+            if let Some(loudest) = meter.loudest.take() {
+                if !self.muted {
+                    (meter.reporter)(f32::from(loudest));
+                }
             }
-            meter.sum = 0;
-            meter.count = 0;
         }
     }
 
@@ -447,9 +446,15 @@ impl Fanout {
 }
 
 /// Drains one subscriber connection's queue into webrtc-rs, whose write waits when that
-/// connection is behind; only this task waits then.
-pub(crate) async fn run_writer(mut jobs: mpsc::Receiver<WriteJob>) {
+/// connection is behind; only this task waits then. Counts the bytes it writes, so the SFU
+/// can compare a receiver's bandwidth estimate with what it is sent.
+pub(crate) async fn run_writer(
+    mut jobs: mpsc::Receiver<WriteJob>,
+    sent_bytes: Arc<std::sync::atomic::AtomicU64>,
+) {
     while let Some(job) = jobs.recv().await {
+        let size = 12 + job.packet.payload.len() as u64;
+        sent_bytes.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = job.track.write_rtp(job.packet).await {
             tracing::trace!(error = %e, "write_rtp failed");
         }

@@ -11,7 +11,7 @@ use crate::metrics::Metrics;
 use crate::rewrite::Binding;
 use crate::room::{MuteError, PublishedSection, RoomCommand, RoomHandle, TrackSource};
 use crate::sdp;
-use crate::simulcast::Quality;
+use crate::simulcast::{DownlinkBudget, DownlinkGovernor, Quality};
 use crate::transport::{BuiltPeer, PeerFactory, PeerRole, PortLease, AUDIO_LEVEL_URI};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::sdp::RTCSessionDescription;
@@ -296,6 +296,10 @@ pub(crate) struct ParticipantTask {
     up_tracks: HashMap<TrackId, UpTrack>,
     down_tracks: HashMap<TrackId, DownTrack>,
     writer: Option<mpsc::Sender<WriteJob>>,
+    /// RTP bytes the writer handed to the subscriber connection.
+    sent_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// Reads the subscriber's bandwidth estimates.
+    downlink: DownlinkGovernor,
 }
 
 impl ParticipantTask {
@@ -324,6 +328,8 @@ impl ParticipantTask {
             up_tracks: HashMap::new(),
             down_tracks: HashMap::new(),
             writer: None,
+            sent_bytes: Arc::default(),
+            downlink: DownlinkGovernor::default(),
         }
     }
 
@@ -601,7 +607,7 @@ impl ParticipantTask {
             Some(writer) => writer.clone(),
             None => {
                 let (tx, rx) = mpsc::channel(1024);
-                tokio::spawn(fanout::run_writer(rx));
+                tokio::spawn(fanout::run_writer(rx, Arc::clone(&self.sent_bytes)));
                 self.writer = Some(tx.clone());
                 tx
             }
@@ -827,10 +833,15 @@ impl ParticipantTask {
         }
     }
 
-    /// Splits the subscriber's estimated downlink among its video tracks (audio is small and
-    /// always forwarded), so each simulcast track picks the best layer that fits its share.
+    /// Turns the subscriber's estimate into layer budgets: none while its path shows room;
+    /// while congested, the estimate split among its video tracks (audio is small and always
+    /// forwarded), so each simulcast track picks the best layer that fits its share.
     fn share_bandwidth(&mut self, bps: u64) {
-        tracing::debug!(participant = %self.id, bps, "subscriber bandwidth estimate (REMB)");
+        let sent = self.sent_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let budget = self
+            .downlink
+            .on_estimate(bps, sent, std::time::Instant::now());
+        tracing::debug!(participant = %self.id, bps, ?budget, "subscriber bandwidth estimate (REMB)");
         let audio = self
             .down_tracks
             .values()
@@ -846,18 +857,24 @@ impl ParticipantTask {
         }
         const AUDIO_BPS: u64 = 64_000;
         const MIN_SHARE_BPS: u64 = 50_000;
-        let share = (bps.saturating_sub(audio * AUDIO_BPS) / video).max(MIN_SHARE_BPS);
+        let share = match budget {
+            DownlinkBudget::Unlimited => None,
+            DownlinkBudget::Cap(total) => {
+                Some((total.saturating_sub(audio * AUDIO_BPS) / video).max(MIN_SHARE_BPS))
+            }
+        };
         for down in self.down_tracks.values_mut() {
             if down.kind != MediaKind::Video {
                 continue;
             }
             // Estimates wobble; only a change of more than a tenth moves layers.
-            let changed = down
-                .budget_bps
-                .is_none_or(|old| old.abs_diff(share) * 10 > old);
+            let changed = match (down.budget_bps, share) {
+                (Some(old), Some(new)) => old.abs_diff(new) * 10 > old,
+                (old, new) => old != new,
+            };
             if changed {
-                down.budget_bps = Some(share);
-                down.source.fanout.set_budget(self.id.clone(), Some(share));
+                down.budget_bps = share;
+                down.source.fanout.set_budget(self.id.clone(), share);
             }
         }
     }

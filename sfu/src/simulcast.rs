@@ -167,6 +167,62 @@ impl LayerSelector {
     }
 }
 
+/// How long after the last sign of congestion a subscriber's layers stay capped.
+const CONGESTION_HOLD: Duration = Duration::from_secs(8);
+/// An estimate this much above what is being sent means the path has room.
+const HEADROOM: f64 = 1.15;
+
+/// What a subscriber's connection may carry, as far as layer choice is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownlinkBudget {
+    /// No sign of congestion: every track gets the quality it asked for.
+    Unlimited,
+    /// The receiver's estimate, bits per second, to be shared among its video tracks.
+    Cap(u64),
+}
+
+/// Reads a receiver's bandwidth estimates (REMB) as a congestion signal. A receiver only
+/// estimates a little above what it receives (it learns capacity by being sent more), so the
+/// estimate cannot be used as a target — every subscriber would stay on its first layer. It
+/// caps the layers while it is not comfortably above what the SFU sends, and for a while
+/// after, and is lifted once the path has shown room for long enough.
+#[derive(Debug, Default)]
+pub struct DownlinkGovernor {
+    congested_at: Option<Instant>,
+    last_sample: Option<(u64, Instant)>,
+    sent_bps: u64,
+}
+
+impl DownlinkGovernor {
+    /// A new estimate, with the total bytes sent to this receiver so far.
+    pub fn on_estimate(
+        &mut self,
+        estimate_bps: u64,
+        sent_bytes: u64,
+        now: Instant,
+    ) -> DownlinkBudget {
+        if let Some((bytes, at)) = self.last_sample {
+            let elapsed = now.saturating_duration_since(at);
+            if elapsed >= Duration::from_millis(100) {
+                self.sent_bps = sent_bytes.saturating_sub(bytes) * 8 * 1_000_000
+                    / elapsed.as_micros().max(1) as u64;
+                self.last_sample = Some((sent_bytes, now));
+            }
+        } else {
+            self.last_sample = Some((sent_bytes, now));
+        }
+        if (estimate_bps as f64) < self.sent_bps as f64 * HEADROOM {
+            self.congested_at = Some(now);
+        }
+        match self.congested_at {
+            Some(at) if now.saturating_duration_since(at) < CONGESTION_HOLD => {
+                DownlinkBudget::Cap(estimate_bps)
+            }
+            _ => DownlinkBudget::Unlimited,
+        }
+    }
+}
+
 /// Frame size from a VP8 keyframe's payload (RFC 7741 descriptor, then the frame header).
 pub fn vp8_keyframe_size(payload: &[u8]) -> Option<(u16, u16)> {
     let first = *payload.first()?;
@@ -320,6 +376,42 @@ mod tests {
             "{}",
             l.bitrate_bps
         );
+    }
+
+    #[test]
+    fn estimates_above_what_is_sent_leave_layers_alone() {
+        let t0 = Instant::now();
+        let mut g = DownlinkGovernor::default();
+        // 500 kbit/s sent; the receiver estimates 1.5x that, as Chromium does on a good path.
+        let mut bytes = 0;
+        for i in 0..10 {
+            bytes += 62_500 / 5;
+            let now = t0 + Duration::from_millis(200 * (i + 1));
+            assert_eq!(
+                g.on_estimate(750_000, bytes, now),
+                DownlinkBudget::Unlimited
+            );
+        }
+    }
+
+    #[test]
+    fn an_estimate_below_what_is_sent_caps_until_the_path_has_room_for_a_while() {
+        let t0 = Instant::now();
+        let mut g = DownlinkGovernor::default();
+        let mut bytes = 0u64;
+        let mut at = t0;
+        let mut step = |g: &mut DownlinkGovernor, estimate: u64, secs: f64| {
+            // 1 Mbit/s sent.
+            bytes += (125_000.0 * secs) as u64;
+            at += Duration::from_secs_f64(secs);
+            g.on_estimate(estimate, bytes, at)
+        };
+        assert_eq!(step(&mut g, 2_000_000, 0.2), DownlinkBudget::Unlimited);
+        assert_eq!(step(&mut g, 2_000_000, 0.2), DownlinkBudget::Unlimited);
+        assert_eq!(step(&mut g, 600_000, 0.2), DownlinkBudget::Cap(600_000));
+        // The path recovers: still capped (following the estimate) during the hold.
+        assert_eq!(step(&mut g, 2_000_000, 2.0), DownlinkBudget::Cap(2_000_000));
+        assert_eq!(step(&mut g, 2_000_000, 7.0), DownlinkBudget::Unlimited);
     }
 
     #[test]
