@@ -159,9 +159,13 @@ async fn two_rooms_of_three_pass_with_every_track() {
     assert!(latency.count > 100 && latency.p50 > 0.0, "{text}");
     let jitter = report.media.jitter_ms.as_ref().expect("jitter measured");
     assert!(jitter.audio_mean.is_some() && jitter.video_mean.is_some());
-    // Each publisher sends ~500 kbit/s of video; a subscriber receives two of them.
+    // Each publisher offers ~500 kbit/s of video. On a starved machine the tester may send
+    // less, and then the report must say so rather than pass it off as the asked load.
     let send = report.media.send_bitrate_bps.per_publisher_mean;
-    assert!((400e3..650e3).contains(&send), "{text}");
+    assert!(send > 100e3 && send < 650e3, "{text}");
+    if send < 400e3 {
+        assert!(text.contains("publishers sent"), "a shortfall is reported: {text}");
+    }
     let received = &report.media.receive_bitrate_bps;
     assert!(
         received.per_peer_min > 0.5 * received.expected_per_peer_mean,
