@@ -4,6 +4,10 @@
 //! is compared with: a raw `sendto` of a packet of the same size over loopback UDP, and SRTP
 //! protect alone. Ends with a table of ns per subscriber-packet and ratios to the ceiling.
 //!
+//! Time is the bench thread's own CPU time (`CLOCK_THREAD_CPUTIME_ID`), so time spent
+//! descheduled while other builds share the machine does not count; `SFU_BENCH_WALL_CLOCK=1`
+//! measures wall time instead.
+//!
 //! `cargo bench -p sfu-benches --bench fanout` (criterion's filters and flags work after `--`).
 
 use std::cell::RefCell;
@@ -13,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use rtc::shared::marshal::Marshal;
 use rtc::srtp::protection_profile::ProtectionProfile;
@@ -37,6 +42,53 @@ const PROFILES: [(&str, ProtectionProfile); 2] = [
     ("aes128cm_sha1_80", ProtectionProfile::Aes128CmHmacSha1_80),
     ("aead_aes128_gcm", ProtectionProfile::AeadAes128Gcm),
 ];
+
+/// The calling thread's CPU time as criterion's measurement (values in ns, shown like
+/// durations).
+struct ThreadCpuTime {
+    /// Lends its duration formatter.
+    wall: WallTime,
+}
+
+fn thread_cpu_nanos() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write to; the clock id is a Linux constant.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    assert_eq!(status, 0, "CLOCK_THREAD_CPUTIME_ID is readable");
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+impl Measurement for ThreadCpuTime {
+    type Intermediate = u64;
+    type Value = Duration;
+
+    fn start(&self) -> u64 {
+        thread_cpu_nanos()
+    }
+
+    fn end(&self, started: u64) -> Duration {
+        Duration::from_nanos(thread_cpu_nanos().saturating_sub(started))
+    }
+
+    fn add(&self, a: &Duration, b: &Duration) -> Duration {
+        *a + *b
+    }
+
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    fn to_f64(&self, value: &Duration) -> f64 {
+        value.as_nanos() as f64
+    }
+
+    fn formatter(&self) -> &dyn ValueFormatter {
+        self.wall.formatter()
+    }
+}
 
 /// One benchmark that ran in this process: where criterion put its estimate, and what the
 /// counting allocator saw.
@@ -100,8 +152,8 @@ fn allocations_per_element(path: &mut FanoutPath, stream: &mut SourceStream, sta
     calls as f64 / (ALLOCATION_SAMPLE_PACKETS * subscribers.max(1)) as f64
 }
 
-fn bench_path(
-    c: &mut Criterion,
+fn bench_path<M: Measurement>(
+    c: &mut Criterion<M>,
     group_name: &str,
     counts: &[usize],
     media: Media,
@@ -123,7 +175,7 @@ fn bench_path(
     group.finish();
 }
 
-fn fanout_benches(c: &mut Criterion) {
+fn fanout_benches<M: Measurement>(c: &mut Criterion<M>) {
     for (label, profile) in PROFILES {
         bench_path(
             c,
@@ -216,7 +268,7 @@ impl Drop for LoopbackReceiver {
     }
 }
 
-fn ceiling_benches(c: &mut Criterion) {
+fn ceiling_benches<M: Measurement>(c: &mut Criterion<M>) {
     let mut group = c.benchmark_group("ceiling");
     group.throughput(Throughput::Elements(1));
     let (_, browser_profile) = PROFILES[0];
@@ -290,7 +342,7 @@ fn estimate_ns(output: &std::path::Path, group: &str, id: &str) -> Option<f64> {
         .find_map(|key| json[*key]["point_estimate"].as_f64())
 }
 
-fn print_summary(output: &std::path::Path) {
+fn print_summary(output: &std::path::Path, clock: &str) {
     let ran = RAN.with(|ran| std::mem::take(&mut *ran.borrow_mut()));
     let per_element =
         |r: &Ran| estimate_ns(output, &r.group, &r.id).map(|ns| ns / r.elements as f64);
@@ -300,7 +352,8 @@ fn print_summary(output: &std::path::Path) {
         .and_then(per_element);
     println!();
     println!(
-        "Summary (ns per subscriber-packet; ratio = that / one loopback sendto of the same packet)"
+        "Summary ({clock}, ns per subscriber-packet; ratio = that / one loopback sendto of the \
+         same packet)"
     );
     println!(
         "{:<36} {:>6} {:>12} {:>10} {:>14}",
@@ -330,10 +383,9 @@ fn print_summary(output: &std::path::Path) {
     }
 }
 
-fn main() {
-    let output = target_dir().join("criterion");
-    let mut criterion = Criterion::default()
-        .output_directory(&output)
+fn run<M: Measurement>(criterion: Criterion<M>, output: &std::path::Path, clock: &str) {
+    let mut criterion = criterion
+        .output_directory(output)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(30)
@@ -341,5 +393,15 @@ fn main() {
     fanout_benches(&mut criterion);
     ceiling_benches(&mut criterion);
     criterion.final_summary();
-    print_summary(&output);
+    print_summary(output, clock);
+}
+
+fn main() {
+    let output = target_dir().join("criterion");
+    if std::env::var_os("SFU_BENCH_WALL_CLOCK").is_some_and(|v| v != "0") {
+        run(Criterion::default(), &output, "wall time");
+    } else {
+        let cpu = Criterion::default().with_measurement(ThreadCpuTime { wall: WallTime });
+        run(cpu, &output, "thread CPU time");
+    }
 }

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use client::{HeadlessPeer, PeerConfig, PeerStats, TrackKind};
 use sfu_benches::report::{
-    metric_value, own_cpu_seconds, process_cpu_seconds, ProbeCounts, WindowLoss,
+    largest_served, load_average_1m, metric_value, own_cpu_seconds, process_cpu_seconds,
+    ProbeCounts, WindowLoss,
 };
 use signaling::config::ServerConfig;
 use signaling::Server;
@@ -282,6 +283,8 @@ struct Row {
     client_cpu_util: f64,
     loss: WindowLoss,
     congested_drops: f64,
+    /// The machine's 1-minute load average at the end of the window (other work included).
+    load_1m: f64,
     latency_p50_ms: Option<f64>,
     latency_p99_ms: Option<f64>,
     error: Option<String>,
@@ -303,6 +306,7 @@ impl Row {
             client_cpu_util: 0.0,
             loss: WindowLoss::default(),
             congested_drops: 0.0,
+            load_1m: load_average_1m().unwrap_or(f64::NAN),
             latency_p50_ms: None,
             latency_p99_ms: None,
             error: Some(error),
@@ -438,6 +442,7 @@ async fn measure(
         client_cpu_util: (end.client_cpu - start.client_cpu) / seconds,
         loss,
         congested_drops: end.congested - start.congested,
+        load_1m: load_average_1m().unwrap_or(f64::NAN),
         latency_p50_ms: latency.quantile_ms(0.5),
         latency_p99_ms: latency.quantile_ms(0.99),
         error: None,
@@ -447,7 +452,7 @@ async fn measure(
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:>5} {:>9} {:>7} {:>8} {:>9} {:>8} {:>12} {:>7} {:>8} {:>8} {:>9} {:>9}",
+        "{:>5} {:>9} {:>7} {:>8} {:>9} {:>8} {:>12} {:>7} {:>8} {:>8} {:>9} {:>9} {:>6}",
         "N",
         "receiving",
         "source",
@@ -459,7 +464,8 @@ fn print_table(rows: &[Row]) {
         "worst %",
         "cong.",
         "p50 ms",
-        "p99 ms"
+        "p99 ms",
+        "load"
     );
     for r in rows {
         if let Some(error) = &r.error {
@@ -467,7 +473,7 @@ fn print_table(rows: &[Row]) {
             continue;
         }
         println!(
-            "{:>5} {:>9} {:>6.0}% {:>8.0} {:>9.0} {:>7.0}% {:>12.0} {:>7.2} {:>8.2} {:>8.0} {:>9} {:>9}",
+            "{:>5} {:>9} {:>6.0}% {:>8.0} {:>9.0} {:>7.0}% {:>12.0} {:>7.2} {:>8.2} {:>8.0} {:>9} {:>9} {:>6.1}",
             r.subscribers,
             format!("{}/{}", r.receiving, r.subscribers),
             r.source_ratio * 100.0,
@@ -480,6 +486,7 @@ fn print_table(rows: &[Row]) {
             r.congested_drops,
             r.latency_p50_ms.map_or("-".into(), |v| format!("{v:.1}")),
             r.latency_p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
+            r.load_1m,
         );
     }
     println!(
@@ -495,18 +502,30 @@ fn print_table(rows: &[Row]) {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    match rows
+    println!(
+        "(load: the machine's 1-minute load average at the end of the window; on 2 cores, above \
+         ~2 means other work competed with this run)"
+    );
+    let results: Vec<(usize, bool)> = rows.iter().map(|r| (r.subscribers, r.served())).collect();
+    match largest_served(&results) {
+        Some(n) => {
+            println!("Largest N with < 1% loss, source at full rate, and every smaller N too: {n}")
+        }
+        None => println!("The smallest N already failed (< 1% loss with the source at full rate)"),
+    }
+    let failed: Vec<String> = rows
         .iter()
-        .filter(|r| r.served())
-        .map(|r| r.subscribers)
-        .max()
-    {
-        Some(n) => println!("Largest N with < 1% loss (source at full rate): {n}"),
-        None => println!("No N had < 1% loss with the source at full rate"),
+        .filter(|r| !r.served())
+        .map(|r| r.subscribers.to_string())
+        .collect();
+    if !failed.is_empty() {
+        println!("Not served: N = {}", failed.join(", "));
     }
 }
 
 fn write_json(rows: &[Row], settings: &Settings, path: &std::path::Path) -> std::io::Result<()> {
+    let rows_served: Vec<(usize, bool)> =
+        rows.iter().map(|r| (r.subscribers, r.served())).collect();
     let rows: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
@@ -529,6 +548,7 @@ fn write_json(rows: &[Row], settings: &Settings, path: &std::path::Path) -> std:
                 "subscriber_congested_drops": r.congested_drops,
                 "latency_p50_ms": r.latency_p50_ms,
                 "latency_p99_ms": r.latency_p99_ms,
+                "load_average_1m": r.load_1m,
                 "served": r.served(),
                 "error": r.error,
             })
@@ -537,7 +557,7 @@ fn write_json(rows: &[Row], settings: &Settings, path: &std::path::Path) -> std:
     let doc = serde_json::json!({
         "video_bps": settings.video_bps,
         "measure_seconds": settings.measure.as_secs_f64(),
-        "loadavg_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "largest_served": largest_served(&rows_served),
         "rows": rows,
     });
     std::fs::write(path, serde_json::to_vec_pretty(&doc)?)

@@ -39,6 +39,29 @@ fn cpu_seconds_from_stat(stat: &str) -> Option<f64> {
     Some((utime + stime) / USER_HZ)
 }
 
+/// The 1-minute load average (Linux), to show how busy the machine was during a run.
+pub fn load_average_1m() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The largest subscriber count that was served with every smaller count served too, from
+/// `(subscribers, served)` results in any order. A larger count that passed after a smaller
+/// one failed is noise or luck, not capacity, so it does not count.
+pub fn largest_served(results: &[(usize, bool)]) -> Option<usize> {
+    let mut sorted = results.to_vec();
+    sorted.sort_unstable();
+    sorted
+        .iter()
+        .take_while(|(_, served)| *served)
+        .last()
+        .map(|(n, _)| *n)
+}
+
 /// One subscriber's probe counters for one track at one instant (from the client's
 /// `TrackStats`: the span of counters seen and how many distinct ones arrived).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -130,6 +153,20 @@ sfu_dropped_packets_total{reason=\"subscriber_congested\"} 17
             own_cpu_seconds().is_some(),
             "this process's own stat line parses"
         );
+    }
+
+    #[test]
+    fn capacity_is_the_largest_count_with_no_failure_below_it() {
+        assert_eq!(
+            largest_served(&[(200, true), (10, true), (100, true), (50, true)]),
+            Some(200)
+        );
+        assert_eq!(
+            largest_served(&[(10, true), (50, true), (100, false), (200, true)]),
+            Some(50)
+        );
+        assert_eq!(largest_served(&[(10, false), (50, true)]), None);
+        assert_eq!(largest_served(&[]), None);
     }
 
     #[test]
