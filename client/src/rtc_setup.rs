@@ -50,6 +50,29 @@ pub struct PcOptions {
     pub ice_servers: Vec<IceServer>,
     /// Take the DTLS server role when answering (saves a 200 ms timer tick; see field notes).
     pub answering_dtls_server: bool,
+    /// Simulated loss on this connection (tests of NACK repair); `None` on a real path.
+    pub loss: Option<LossSimulation>,
+}
+
+/// Drops one in `one_in` RTP packets of NACK-capable streams, each only the first time it is
+/// seen, in both directions: what a lossy path does, placed so that NACK can repair it (below
+/// the NACK responder when sending, below the NACK generator when receiving).
+#[derive(Debug, Clone)]
+pub struct LossSimulation {
+    /// One packet in this many is dropped.
+    pub one_in: u64,
+    /// How many were dropped, for the test to check that loss happened.
+    pub dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LossSimulation {
+    /// Drops one packet in `one_in`.
+    pub fn one_in(one_in: u64) -> Self {
+        LossSimulation {
+            one_in: one_in.max(2),
+            dropped: Arc::default(),
+        }
+    }
 }
 
 impl Default for PcOptions {
@@ -58,6 +81,7 @@ impl Default for PcOptions {
             udp_addrs: vec!["127.0.0.1:0".to_owned()],
             ice_servers: vec![],
             answering_dtls_server: true,
+            loss: None,
         }
     }
 }
@@ -117,7 +141,10 @@ pub async fn build_peer_connection(
     options: &PcOptions,
     handler: Arc<dyn PeerConnectionEventHandler>,
 ) -> Result<Arc<dyn PeerConnection>> {
-    let (media_engine, registry) = media_engine_and_registry()?;
+    let (media_engine, mut registry) = media_engine_and_registry()?;
+    if let Some(loss) = &options.loss {
+        registry = registry.with(Slot::from(LOSS_SLOT), LossInjector::new(loss.clone()));
+    }
     let mut settings = SettingEngineBuilder::new()
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         // `None` means 1000 ms here, not "immediately".
@@ -267,6 +294,101 @@ impl Interceptor for KeyframeRequestMarker {
     fn bind_local_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+/// Below the NACK responder (4000) on the way out, below the NACK generator (7000) on the way in.
+const LOSS_SLOT: usize = 3_500;
+
+/// See [`LossSimulation`].
+struct LossInjector {
+    loss: LossSimulation,
+    /// SSRCs that negotiated NACK (video here); audio is not repaired, so not dropped.
+    nack_ssrcs: std::collections::HashSet<u32>,
+    /// (SSRC, sequence number) of every packet dropped once, to let its repair through.
+    dropped: std::collections::HashSet<(u32, u16)>,
+    seen: u64,
+    read_queue: VecDeque<TaggedPacket>,
+    write_queue: VecDeque<TaggedPacket>,
+}
+
+impl LossInjector {
+    fn new(loss: LossSimulation) -> Self {
+        LossInjector {
+            loss,
+            nack_ssrcs: Default::default(),
+            dropped: Default::default(),
+            seen: 0,
+            read_queue: VecDeque::new(),
+            write_queue: VecDeque::new(),
+        }
+    }
+
+    /// Whether to lose this packet.
+    fn lose(&mut self, msg: &TaggedPacket) -> bool {
+        let Packet::Rtp(rtp) = &msg.message.packet else {
+            return false;
+        };
+        let key = (rtp.header.ssrc, rtp.header.sequence_number);
+        if !self.nack_ssrcs.contains(&key.0) || self.dropped.contains(&key) {
+            return false;
+        }
+        self.seen += 1;
+        if !self.seen.is_multiple_of(self.loss.one_in) {
+            return false;
+        }
+        self.dropped.insert(key);
+        self.loss
+            .dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    fn note_stream(&mut self, info: &StreamInfo) {
+        if info.rtcp_feedback.iter().any(|f| f.typ == "nack") {
+            self.nack_ssrcs.insert(info.ssrc);
+        }
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for LossInjector {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if !self.lose(&msg) {
+            self.read_queue.push_back(msg);
+        }
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.read_queue.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if !self.lose(&msg) {
+            self.write_queue.push_back(msg);
+        }
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.write_queue.pop_front()
+    }
+}
+
+impl Interceptor for LossInjector {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        self.note_stream(info);
+    }
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, info: &StreamInfo) {
+        self.note_stream(info);
+    }
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
