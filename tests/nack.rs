@@ -20,13 +20,12 @@ async fn video_repaired(watcher: &HeadlessPeer, publisher: &HeadlessPeer, packet
         .expect("video published");
     watcher
         .wait_for_stats(WAIT, |s| {
-            s.track(&publisher_id, &video_id)
-                .is_some_and(|t| {
-                    t.packets >= packets
-                        && t.seq_missing > 0
-                        && t.seq_late == t.seq_missing
-                        && t.probe_lost() == 0
-                })
+            s.track(&publisher_id, &video_id).is_some_and(|t| {
+                t.packets >= packets
+                    && t.seq_missing > 0
+                    && t.seq_late == t.seq_missing
+                    && t.probe_lost() == 0
+            })
         })
         .await
 }
