@@ -29,7 +29,7 @@ use crate::rtc_setup::{
     build_peer_connection, candidate_from_wire, candidate_to_wire, sdp_mid_and_ufrag, PcOptions,
 };
 use crate::signal::{SignalClient, SignalEvent};
-use crate::stats::{lock, PeerStats, StatsStore};
+use crate::stats::{lock, PeerStats, SentStats, StatsStore, TrackKey, TrackStats};
 use crate::{Error, Result};
 
 /// How a headless peer joins and what it publishes.
@@ -655,6 +655,23 @@ impl HeadlessPeer {
     /// A snapshot of the measurements.
     pub fn stats(&self) -> PeerStats {
         self.inner.stats.snapshot()
+    }
+
+    /// Calls `f` with each received track's stats in turn, without copying them: the cheap way
+    /// to poll many peers often.
+    pub fn for_each_received_track(&self, f: impl FnMut(&TrackKey, &TrackStats)) {
+        self.inner.stats.for_each_received(f);
+    }
+
+    /// The stats of what we publish, by kind.
+    pub fn sent_stats(&self) -> std::collections::HashMap<TrackKind, SentStats> {
+        self.inner.stats.sent()
+    }
+
+    /// Reads the room state without copying it (the state cannot change meanwhile, so keep `f`
+    /// short).
+    pub fn with_state<R>(&self, f: impl FnOnce(&RoomState) -> R) -> R {
+        f(&self.inner.state.borrow())
     }
 
     /// Every server message received since joining (after `joined`), in order.

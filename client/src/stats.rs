@@ -596,6 +596,23 @@ impl StatsStore {
         }
     }
 
+    /// Calls `f` with every received track's stats in turn, without copying them (each
+    /// track's lock is held only during its call). For frequent polling of many peers.
+    pub fn for_each_received(&self, mut f: impl FnMut(&TrackKey, &TrackStats)) {
+        let records: Vec<(TrackKey, Arc<Mutex<TrackRecord>>)> = lock(&self.received)
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect();
+        for (key, record) in records {
+            f(&key, &lock(&record).stats);
+        }
+    }
+
+    /// A copy of the published tracks' stats only.
+    pub fn sent(&self) -> HashMap<TrackKind, SentStats> {
+        lock(&self.sent).clone()
+    }
+
     /// Updates the stats of the published track of `kind`.
     pub fn update_sent(&self, kind: TrackKind, f: impl FnOnce(&mut SentStats)) {
         f(lock(&self.sent).entry(kind).or_default());

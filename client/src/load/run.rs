@@ -283,20 +283,20 @@ fn totals(slots: &[Slot], measurement: Measurement) -> Totals {
     let mut t = Totals::default();
     for slot in slots {
         match &slot.state {
+            // Nothing is copied: a subscriber's room state lists every participant, and
+            // copying that for every peer every second grows with the square of the room.
             SlotState::Joined { peer, .. } => {
-                let stats = peer.stats();
-                for track in stats.tracks.values() {
+                peer.for_each_received_track(|_, track| {
                     t.received_bytes += track.bytes;
                     let (lost, expected) = track_loss(track, measurement);
                     t.lost += lost;
                     t.expected += expected;
-                }
-                for sent in stats.sent.values() {
+                });
+                for sent in peer.sent_stats().values() {
                     t.sent_bytes += sent.bytes;
                     t.errors += sent.write_errors as usize;
                 }
-                let state = peer.state();
-                t.errors += state.errors.len() + state.local_errors.len();
+                t.errors += peer.with_state(|s| s.errors.len() + s.local_errors.len());
             }
             SlotState::Failed(_) => t.errors += 1,
             _ => {}
