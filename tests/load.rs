@@ -164,7 +164,10 @@ async fn two_rooms_of_three_pass_with_every_track() {
     let send = report.media.send_bitrate_bps.per_publisher_mean;
     assert!(send > 100e3 && send < 650e3, "{text}");
     if send < 400e3 {
-        assert!(text.contains("publishers sent"), "a shortfall is reported: {text}");
+        assert!(
+            text.contains("publishers sent"),
+            "a shortfall is reported: {text}"
+        );
     }
     let received = &report.media.receive_bitrate_bps;
     assert!(
