@@ -18,9 +18,22 @@ pub fn self_usage() -> (Duration, u64) {
     let tv = |t: libc::timeval| {
         Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
     };
-    // Linux reports ru_maxrss in KiB.
-    let max_rss = (usage.ru_maxrss.max(0) as u64) * 1024;
+    // Linux keeps ru_maxrss across exec, so under `cargo run` it would report cargo's own
+    // peak: the current image's high-water mark (VmHWM) is the tester's. ru_maxrss is in KiB.
+    let max_rss = peak_rss_of_this_image().unwrap_or((usage.ru_maxrss.max(0) as u64) * 1024);
     (tv(usage.ru_utime) + tv(usage.ru_stime), max_rss)
+}
+
+/// `VmHWM` of `/proc/self/status` in bytes, where there is one.
+fn peak_rss_of_this_image() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_hwm(&status)
+}
+
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// A [`UsageSample`] of now.
@@ -68,6 +81,15 @@ pub fn cores() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peak_rss_comes_from_vm_hwm() {
+        let status = "Name:\tsfu-load\nVmPeak:\t  900 kB\nVmHWM:\t   12345 kB\nVmRSS:\t 100 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(12_345 * 1024));
+        assert_eq!(parse_vm_hwm("Name: x\n"), None);
+        // This test process has touched some memory.
+        assert!(peak_rss_of_this_image().unwrap() > 1 << 20);
+    }
 
     #[test]
     fn proc_stat_is_read() {
