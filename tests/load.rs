@@ -220,9 +220,10 @@ async fn real_media_from_files_is_measured_from_rtp() {
     assert_eq!(report.media.measurement, Measurement::Rtp);
     assert!(report.media.latency_ms.is_none(), "no probes in real media");
     assert!(text.contains("real media carries no probes"), "{text}");
-    // The clip is ~214 kbit/s of VP8 and the tone ~35 kbit/s of Opus.
+    // The clip is ~214 kbit/s of VP8 and the tone ~35 kbit/s of Opus: sent at the files' own
+    // pace, never faster (a starved machine may make it slower, which the pacing allows).
     let send = report.media.send_bitrate_bps.per_publisher_mean;
-    assert!((150e3..350e3).contains(&send), "{text}");
+    assert!(send > 50e3 && send < 350e3, "{text}");
     assert_everyone_left(&server).await;
     server.shutdown(Duration::from_secs(5)).await;
 }
