@@ -8,7 +8,7 @@ mod common;
 use client::media::{VideoConfig, VideoSource};
 use client::rtc_setup::{media_engine_and_registry, negotiated_payload_type, new_local_track};
 use client::{HeadlessPeer, PeerConfig, SignalClient, TrackKind};
-use common::{start_server, ws_url, WAIT};
+use common::{raw_join, start_server, ws_url, WAIT};
 use rtc::crypto::SignatureScheme;
 use rtc::peer_connection::certificate::RTCCertificate;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
@@ -124,24 +124,6 @@ async fn local_sdp(peer: &mut RsaPeer) -> String {
     peer.pc.local_description().await.unwrap().sdp
 }
 
-async fn joined(client: &SignalClient, room: &str, name: &str) -> String {
-    client
-        .send(&ClientMessage::Join {
-            room: room.into(),
-            name: name.into(),
-            token: None,
-        })
-        .await
-        .unwrap();
-    loop {
-        if let Some(ServerMessage::Joined { participant_id, .. }) =
-            client.recv_timeout(WAIT).await.unwrap()
-        {
-            return participant_id;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rsa_publisher_reaches_a_subscriber() {
     let server = start_server(&[]).await;
@@ -151,7 +133,7 @@ async fn rsa_publisher_reaches_a_subscriber() {
         .unwrap();
 
     let client = SignalClient::connect(&url).await.unwrap();
-    let id = joined(&client, "rsa", "gst-like").await;
+    let id = raw_join(&client, "rsa", "gst-like").await;
     let mut peer = rsa_peer(RTCDtlsRole::Server).await;
     let ssrc = 0x5a5a_0001;
     let track = new_local_track(TrackKind::Video, &id, "cam", ssrc);
@@ -222,7 +204,7 @@ async fn rsa_subscriber_as_dtls_server_receives_media() {
     assert!(publisher.wait_publishing(WAIT).await);
 
     let client = SignalClient::connect(&url).await.unwrap();
-    joined(&client, "rsa-sub", "gst-like").await;
+    raw_join(&client, "rsa-sub", "gst-like").await;
     // Answering as DTLS server (`setup:passive`) makes the SFU the DTLS client.
     let mut peer = rsa_peer(RTCDtlsRole::Server).await;
     let offer = loop {

@@ -6,7 +6,7 @@ mod common;
 
 use client::signal::Frame;
 use client::{HeadlessPeer, PeerConfig, SignalClient};
-use common::{metric, start_server, wait_metric, ws_url, WAIT};
+use common::{metric, next_error, raw_join as join, start_server, wait_metric, ws_url, WAIT};
 use signaling::protocol::{ClientMessage, ErrorCode, PcName, ServerMessage};
 use std::time::Duration;
 
@@ -14,17 +14,6 @@ const SHORT: Duration = Duration::from_secs(5);
 
 async fn connect(url: &str) -> SignalClient {
     SignalClient::connect(url).await.expect("websocket opens")
-}
-
-/// The next `error` the server sends (skipping other messages).
-async fn next_error(client: &SignalClient) -> (ErrorCode, String) {
-    loop {
-        match client.recv_timeout(SHORT).await {
-            Ok(Some(ServerMessage::Error { code, message })) => return (code, message),
-            Ok(Some(_)) => continue,
-            other => panic!("expected an error message, got {other:?}"),
-        }
-    }
 }
 
 async fn expect_error(client: &SignalClient, frame: &str, want: ErrorCode) {
@@ -35,27 +24,6 @@ async fn expect_error(client: &SignalClient, frame: &str, want: ErrorCode) {
         message.len() > 10,
         "the message explains what to fix: {message:?}"
     );
-}
-
-async fn join(client: &SignalClient, room: &str, name: &str) -> String {
-    client
-        .send(&ClientMessage::Join {
-            room: room.into(),
-            name: name.into(),
-            token: None,
-        })
-        .await
-        .unwrap();
-    loop {
-        match client.recv_timeout(SHORT).await.unwrap() {
-            Some(ServerMessage::Joined { participant_id, .. }) => return participant_id,
-            Some(ServerMessage::Error { code, message }) => {
-                panic!("join failed: {code:?} {message}")
-            }
-            Some(_) => continue,
-            None => panic!("socket closed before joined"),
-        }
-    }
 }
 
 /// The socket is still usable: a chat comes back to the sender.

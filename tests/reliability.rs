@@ -7,7 +7,7 @@ mod common;
 
 use client::signal::Frame;
 use client::{HeadlessPeer, PeerConfig, SignalClient};
-use common::{metric, start_server, wait_metric, ws_url, WAIT};
+use common::{metric, next_error, raw_join as join, start_server, wait_metric, ws_url, WAIT};
 use signaling::protocol::{ClientMessage, ErrorCode, PcName, ServerMessage, TrackKind};
 use signaling::Server;
 use std::future::Future;
@@ -26,17 +26,6 @@ async fn connect(server: &Server) -> SignalClient {
         .expect("websocket opens")
 }
 
-/// The next `error` the server sends, skipping other messages.
-async fn next_error(client: &SignalClient) -> (ErrorCode, String) {
-    loop {
-        match client.recv_timeout(SHORT).await {
-            Ok(Some(ServerMessage::Error { code, message })) => return (code, message),
-            Ok(Some(_)) => continue,
-            other => panic!("expected an error message, got {other:?}"),
-        }
-    }
-}
-
 /// Sends `frame`, expects `want` with a message that mentions `mentions`.
 async fn expect_error(client: &SignalClient, frame: &str, want: ErrorCode, mentions: &str) {
     client.send_raw(frame).await.unwrap();
@@ -47,28 +36,6 @@ async fn expect_error(client: &SignalClient, frame: &str, want: ErrorCode, menti
         message.contains(mentions),
         "for {shown:?} the message should mention {mentions:?}: {message:?}"
     );
-}
-
-async fn join(client: &SignalClient, room: &str, name: &str) -> String {
-    client
-        .send(&ClientMessage::Join {
-            room: room.into(),
-            name: name.into(),
-            token: None,
-        })
-        .await
-        .unwrap();
-    let joined = client
-        .recv_until(SHORT, |m| match m {
-            ServerMessage::Joined { participant_id, .. } => Some(Ok(participant_id.clone())),
-            ServerMessage::Error { code, message } => Some(Err(format!("{code:?}: {message}"))),
-            _ => None,
-        })
-        .await;
-    match joined {
-        Ok(Some(Ok(id))) => id,
-        other => panic!("join failed: {other:?}"),
-    }
 }
 
 /// The socket still works: a chat comes back to its sender.

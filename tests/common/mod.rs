@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use clap::Parser;
+use client::SignalClient;
 use signaling::config::ServerConfig;
+use signaling::protocol::{ClientMessage, ErrorCode, ServerMessage};
 use signaling::Server;
 use std::time::Duration;
 
@@ -74,4 +76,41 @@ pub async fn http_get(server: &Server, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
+}
+
+/// How long a bare signaling client waits for one reply.
+pub const REPLY: Duration = Duration::from_secs(5);
+
+/// Joins over a bare signaling socket; returns the participant id.
+pub async fn raw_join(client: &SignalClient, room: &str, name: &str) -> String {
+    client
+        .send(&ClientMessage::Join {
+            room: room.into(),
+            name: name.into(),
+            token: None,
+        })
+        .await
+        .unwrap();
+    let joined = client
+        .recv_until(REPLY, |m| match m {
+            ServerMessage::Joined { participant_id, .. } => Some(Ok(participant_id.clone())),
+            ServerMessage::Error { code, message } => Some(Err(format!("{code:?}: {message}"))),
+            _ => None,
+        })
+        .await;
+    match joined {
+        Ok(Some(Ok(id))) => id,
+        other => panic!("join failed: {other:?}"),
+    }
+}
+
+/// The next `error` the server sends, skipping other messages.
+pub async fn next_error(client: &SignalClient) -> (ErrorCode, String) {
+    loop {
+        match client.recv_timeout(REPLY).await {
+            Ok(Some(ServerMessage::Error { code, message })) => return (code, message),
+            Ok(Some(_)) => continue,
+            other => panic!("expected an error message, got {other:?}"),
+        }
+    }
 }
