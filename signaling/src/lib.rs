@@ -4,6 +4,8 @@
 
 pub mod auth;
 pub mod config;
+#[cfg(target_os = "linux")]
+pub mod process_metrics;
 pub mod protocol;
 pub mod ratelimit;
 pub mod session;
@@ -53,9 +55,7 @@ impl AppState {
         let registry = Registry::new();
         let metrics = Metrics::new(&registry)?;
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        registry.register(Box::new(process_metrics::ProcessMetrics::for_self()))?;
         let signaling_errors = IntCounterVec::new(
             Opts::new(
                 "sfu_signaling_errors_total",
