@@ -313,14 +313,16 @@ impl Fanout {
         let ssrc = packet.header.ssrc;
         let needs_keyframe = self.codec.needs_keyframe();
         let keyframe_start = needs_keyframe && self.codec.is_keyframe_start(&packet.payload);
-        let new_layer = !self.layers.iter().any(|l| l.ssrc == ssrc);
+        let is_vp8 = self.codec == Codec::Vp8;
+        let layers_before = self.layers.len();
         let layer = self.layer_mut(ssrc, None);
         layer.on_packet(packet.payload.len(), now);
-        if keyframe_start && self.codec == Codec::Vp8 {
+        if keyframe_start && is_vp8 {
             if let Some(size) = simulcast::vp8_keyframe_size(&packet.payload) {
-                self.layer_mut(ssrc, None).resolution = Some(size);
+                layer.resolution = Some(size);
             }
         }
+        let new_layer = self.layers.len() != layers_before;
         if new_layer || now >= self.next_reselect {
             self.reselect(now);
         }
