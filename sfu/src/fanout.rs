@@ -1,7 +1,7 @@
 //! One published track's fan-out: a task that owns the incoming track (all its simulcast
 //! layers) and, for each subscriber, its layer choice, forwarder and binding. Packets are
 //! decided and rewritten here without locks (the task owns all of it; changes arrive as
-//! commands), then handed to each subscriber's writer queue without waiting, so a slow
+//! commands), then offered to each subscriber's connection without waiting, so a slow
 //! subscriber loses its own packets and never stalls the others. Audio tracks also report
 //! their level for active-speaker detection.
 
@@ -14,7 +14,9 @@ use crate::simulcast::{self, Layer, LayerSelector, LayerVerdict, Quality};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -29,16 +31,40 @@ const RESELECT_INTERVAL: Duration = Duration::from_millis(250);
 /// How often an audio track reports its level.
 const LEVEL_REPORT_INTERVAL: Duration = Duration::from_millis(250);
 
-/// A packet on its way to one subscriber's connection.
-pub(crate) struct WriteJob {
-    pub(crate) track: Arc<TrackLocalStaticRTP>,
-    pub(crate) packet: rtp::Packet,
-}
-
 /// Where a subscriber's packets of this track go.
 pub(crate) struct DownTrackSink {
     pub(crate) track: Arc<TrackLocalStaticRTP>,
-    pub(crate) writer: mpsc::Sender<WriteJob>,
+    /// RTP bytes handed to the subscriber's connection (all its tracks), so the SFU can
+    /// compare the receiver's bandwidth estimate with what it is sent.
+    pub(crate) sent_bytes: Arc<AtomicU64>,
+}
+
+/// What became of a packet offered to a subscriber's connection.
+enum Offer {
+    Accepted,
+    /// The connection's queue is full (or its track is busy being rebound).
+    Congested,
+    /// The connection is gone or the track is not bound to it.
+    Failed,
+}
+
+/// Hands `packet` to the subscriber connection's driver if that takes no waiting.
+///
+/// `write_rtp` only locks the track's context and pushes onto the connection's bounded
+/// event queue; a future dropped before completing has sent nothing. Polling it once here,
+/// instead of through a writer task per subscriber, saves a queue, a task and a wake-up
+/// per subscriber-packet (docs/benchmarks.md).
+fn offer(track: &TrackLocalStaticRTP, packet: rtp::Packet) -> Offer {
+    let mut write = track.write_rtp(packet);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match write.as_mut().poll(&mut cx) {
+        Poll::Ready(Ok(())) => Offer::Accepted,
+        Poll::Ready(Err(e)) => {
+            tracing::trace!(error = %e, "write_rtp failed");
+            Offer::Failed
+        }
+        Poll::Pending => Offer::Congested,
+    }
 }
 
 /// Receives an audio track's loudest level (−dBov) of each report interval.
@@ -354,15 +380,19 @@ impl Fanout {
                                 self.metrics.dropped(DropReason::NotNegotiated);
                                 continue;
                             };
-                            let job = WriteJob {
-                                track: Arc::clone(&s.sink.track),
-                                packet: rtp::Packet {
-                                    header: binding.rewrite(&packet.header, seq, timestamp),
-                                    payload: packet.payload.clone(),
-                                },
+                            let size = 12 + packet.payload.len() as u64;
+                            let rewritten = rtp::Packet {
+                                header: binding.rewrite(&packet.header, seq, timestamp),
+                                payload: packet.payload.clone(),
                             };
-                            if s.sink.writer.try_send(job).is_err() {
-                                self.metrics.dropped(DropReason::SubscriberCongested);
+                            match offer(&s.sink.track, rewritten) {
+                                Offer::Accepted => {
+                                    s.sink.sent_bytes.fetch_add(size, Ordering::Relaxed);
+                                }
+                                Offer::Congested => {
+                                    self.metrics.dropped(DropReason::SubscriberCongested)
+                                }
+                                Offer::Failed => self.metrics.dropped(DropReason::SubscriberGone),
                             }
                         }
                         Decision::Drop(reason) => self.metrics.dropped(reason),
@@ -443,22 +473,6 @@ impl Fanout {
         };
         if let Err(e) = self.track.write_rtcp(vec![Box::new(pli)]).await {
             tracing::debug!(error = %e, "keyframe request not sent");
-        }
-    }
-}
-
-/// Drains one subscriber connection's queue into webrtc-rs, whose write waits when that
-/// connection is behind; only this task waits then. Counts the bytes it writes, so the SFU
-/// can compare a receiver's bandwidth estimate with what it is sent.
-pub(crate) async fn run_writer(
-    mut jobs: mpsc::Receiver<WriteJob>,
-    sent_bytes: Arc<std::sync::atomic::AtomicU64>,
-) {
-    while let Some(job) = jobs.recv().await {
-        let size = 12 + job.packet.payload.len() as u64;
-        sent_bytes.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = job.track.write_rtp(job.packet).await {
-            tracing::trace!(error = %e, "write_rtp failed");
         }
     }
 }

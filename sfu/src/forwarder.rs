@@ -19,18 +19,21 @@ pub enum DropReason {
     Stale,
     /// The subscriber's send queue was full: it cannot keep up.
     SubscriberCongested,
+    /// The subscriber's connection is closing (or its track no longer bound to it).
+    SubscriberGone,
     /// A simulcast layer this subscriber is not receiving.
     LayerNotSelected,
 }
 
 impl DropReason {
     /// Every reason, for pre-registering metric labels.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::Muted,
         DropReason::NotNegotiated,
         DropReason::AwaitingKeyframe,
         DropReason::Stale,
         DropReason::SubscriberCongested,
+        DropReason::SubscriberGone,
         DropReason::LayerNotSelected,
     ];
 
@@ -42,6 +45,7 @@ impl DropReason {
             DropReason::AwaitingKeyframe => "awaiting_keyframe",
             DropReason::Stale => "stale",
             DropReason::SubscriberCongested => "subscriber_congested",
+            DropReason::SubscriberGone => "subscriber_gone",
             DropReason::LayerNotSelected => "layer_not_selected",
         }
     }

@@ -5,7 +5,7 @@
 
 use crate::codec::Codec;
 use crate::events::{EndReason, EventSink, MediaKind, SfuEvent, TrackInfo};
-use crate::fanout::{self, DownTrackSink, WriteJob};
+use crate::fanout::{self, DownTrackSink};
 use crate::ids::{ParticipantId, TrackId};
 use crate::metrics::Metrics;
 use crate::rewrite::Binding;
@@ -295,8 +295,7 @@ pub(crate) struct ParticipantTask {
     published: HashMap<String, TrackId>,
     up_tracks: HashMap<TrackId, UpTrack>,
     down_tracks: HashMap<TrackId, DownTrack>,
-    writer: Option<mpsc::Sender<WriteJob>>,
-    /// RTP bytes the writer handed to the subscriber connection.
+    /// RTP bytes the fan-outs handed to the subscriber connection.
     sent_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// Reads the subscriber's bandwidth estimates.
     downlink: DownlinkGovernor,
@@ -327,7 +326,6 @@ impl ParticipantTask {
             published: HashMap::new(),
             up_tracks: HashMap::new(),
             down_tracks: HashMap::new(),
-            writer: None,
             sent_bytes: Arc::default(),
             downlink: DownlinkGovernor::default(),
         }
@@ -603,15 +601,6 @@ impl ParticipantTask {
         if self.down_tracks.contains_key(&track.track_id) {
             return Ok(());
         }
-        let writer = match &self.writer {
-            Some(writer) => writer.clone(),
-            None => {
-                let (tx, rx) = mpsc::channel(1024);
-                tokio::spawn(fanout::run_writer(rx, Arc::clone(&self.sent_bytes)));
-                self.writer = Some(tx.clone());
-                tx
-            }
-        };
         let connection = self.connection(PeerRole::Subscriber).await?;
         let ssrc = rand::random::<u32>();
         let kind = match track.kind {
@@ -652,7 +641,7 @@ impl ParticipantTask {
             self.id.clone(),
             DownTrackSink {
                 track: Arc::clone(&local),
-                writer,
+                sent_bytes: Arc::clone(&self.sent_bytes),
             },
         );
         self.down_tracks.insert(
@@ -925,7 +914,6 @@ impl ParticipantTask {
         for (_, up) in self.up_tracks.drain() {
             up.task.abort();
         }
-        self.writer = None;
         for connection in [self.publisher.take(), self.subscriber.take()]
             .into_iter()
             .flatten()

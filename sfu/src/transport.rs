@@ -6,7 +6,7 @@
 use crate::metrics::Metrics;
 use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
 use rtc::peer_connection::configuration::interceptor_registry::{
-    configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
+    configure_simulcast_extension_headers, configure_twcc_receiver_only,
 };
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
@@ -285,9 +285,15 @@ fn interceptors(
             write_queue: VecDeque::new(),
         },
     );
-    registry = configure_rtcp_reports(registry);
+    // Each interceptor moves every packet through its own queue, so a connection gets only
+    // the reports its direction has something to say in: receiver reports where media comes
+    // in, sender reports (lip sync) where it goes out.
     match role {
         PeerRole::Publisher => {
+            registry = registry.with(
+                Slot::ReceiverReport,
+                rtc::interceptor::ReceiverReportBuilder::new().build(),
+            );
             // The NACK generator asks publishers for what the path lost. Its default has no
             // retry limit and sees RTX before it is unwrapped, so capped at two requests.
             registry = registry.with(
@@ -300,6 +306,10 @@ fn interceptors(
             registry = configure_twcc_receiver_only(registry, media_engine)?;
         }
         PeerRole::Subscriber => {
+            registry = registry.with(
+                Slot::SenderReport,
+                rtc::interceptor::SenderReportBuilder::new().build(),
+            );
             // The NACK responder answers subscribers' NACKs from its cache of what we sent.
             registry = registry.with(
                 Slot::NackResponder,
