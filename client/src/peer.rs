@@ -1182,3 +1182,30 @@ async fn add_candidates(inner: &Inner, pc: PcName, candidates: Vec<IceCandidate>
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_simulcast_config_that_cannot_work_is_refused_before_connecting() {
+        // Nothing listens here: the refusal must come before any connection attempt.
+        let url = "ws://127.0.0.1:9/ws";
+        let clip = PeerConfig::new(url, "r", "n")
+            .simulcast()
+            .video_file(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/testdata/testsrc-320x240-30fps.ivf"
+            ))
+            .unwrap();
+        let one_layer = PeerConfig::new(url, "r", "n")
+            .simulcast_layers(vec![SimulcastLayer::new("q", 320, 180, 150_000)]);
+        for (config, reason) in [(clip, "video file"), (one_layer, "2 to 16 layers")] {
+            match HeadlessPeer::join(config).await {
+                Err(Error::InvalidConfig(why)) => assert!(why.contains(reason), "{why}"),
+                Err(other) => panic!("expected an invalid configuration, got {other}"),
+                Ok(_) => panic!("joined with an impossible configuration"),
+            }
+        }
+    }
+}

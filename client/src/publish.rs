@@ -324,7 +324,20 @@ pub fn spawn_sender(
         let payload_type = negotiated_payload_type(&published.sender, kind)
             .await
             .unwrap_or(default_pt);
-        stats.update_sent(kind, |s| s.ssrc = published.ssrc);
+        // Before the RTCP reader starts, so it can count every request per layer.
+        stats.update_sent(kind, |s| {
+            s.ssrc = published.ssrc;
+            s.layers = published
+                .layers
+                .iter()
+                .map(|(layer, ssrc)| SentLayerStats {
+                    rid: layer.rid.clone(),
+                    ssrc: *ssrc,
+                    frame_size: (layer.width, layer.height),
+                    ..SentLayerStats::default()
+                })
+                .collect();
+        });
         tracing::debug!(?kind, payload_type, ssrc = published.ssrc, "sending");
 
         let requests = Arc::new(KeyframeRequests::default());
@@ -604,18 +617,6 @@ async fn send_simulcast(
             (VideoSource::new(config, *ssrc, payload_type), extensions)
         })
         .collect();
-    sender.stats.update_sent(TrackKind::Video, |s| {
-        s.layers = published
-            .layers
-            .iter()
-            .map(|(layer, ssrc)| SentLayerStats {
-                rid: layer.rid.clone(),
-                ssrc: *ssrc,
-                frame_size: (layer.width, layer.height),
-                ..SentLayerStats::default()
-            })
-            .collect();
-    });
     let frame_interval = base.frame_interval();
     let mut clock = PacingClock::new();
     let mut frames: u32 = 0;

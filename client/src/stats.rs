@@ -1,6 +1,7 @@
-//! What a headless peer measured: per received track (packets, bytes, keyframes, sequence
-//! continuity, probe loss and one-way latency) and per published track (packets sent, keyframes,
-//! keyframe requests), plus the recorder that fills them from webrtc-rs remote tracks.
+//! What a headless peer measured: per received track (packets, bytes, keyframes, frame size,
+//! simulcast layer and layer switches, sequence continuity, probe loss and one-way latency)
+//! and per published track (packets sent, keyframes, keyframe requests, per simulcast layer
+//! too), plus the recorder that fills them from webrtc-rs remote tracks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
