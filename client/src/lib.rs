@@ -16,9 +16,12 @@ pub mod stats;
 pub use media::{parse_probe, vp8_is_keyframe, AudioConfig, AudioSource, VideoConfig, VideoSource};
 pub use media_file::{FileAudioSource, FileVideoSource, IvfClip, MediaFileError, OggOpusClip};
 pub use peer::{ChatLine, HeadlessPeer, ParticipantInfo, PeerConfig, RoomState};
+pub use publish::SimulcastLayer;
 pub use signal::{Frame, SignalClient, SignalEvent};
 pub use signaling::protocol::TrackKind;
-pub use stats::{LatencyHistogram, PeerStats, SentStats, TrackKey, TrackStats};
+pub use stats::{
+    LatencyHistogram, LayerSwitch, PeerStats, SentLayerStats, SentStats, TrackKey, TrackStats,
+};
 
 use signaling::protocol::ErrorCode;
 
@@ -54,6 +57,9 @@ pub enum Error {
     /// The peer has left or its tasks have stopped.
     #[error("the peer is no longer running")]
     Stopped,
+    /// A configuration that cannot work; the text says what is wrong.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
 }
 
 /// The client's result type.

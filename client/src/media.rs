@@ -16,6 +16,11 @@ use signaling::protocol::TrackKind;
 /// then a 4-byte per-source packet counter (big endian).
 pub const PROBE_LEN: usize = 12;
 
+/// A video source's probe counter starts at its simulcast layer index shifted this far, so a
+/// receiver can tell which layer a packet came from (see [`probe_layer`]); 2^28 packets per
+/// layer before the counter would run into the next layer's range is days of video.
+pub const PROBE_LAYER_SHIFT: u32 = 28;
+
 /// RTP clock rate of VP8.
 pub const VIDEO_CLOCK_RATE: u32 = 90_000;
 /// RTP clock rate of Opus.
@@ -49,6 +54,9 @@ pub struct VideoConfig {
     pub keyframe_interval: Option<Duration>,
     /// Largest RTP payload (descriptor included).
     pub max_payload: usize,
+    /// Simulcast layer index, smallest layer 0 (0 for a single stream), carried in the probe
+    /// counter's top bits (see [`probe_layer`]).
+    pub layer: u8,
 }
 
 impl Default for VideoConfig {
@@ -60,6 +68,7 @@ impl Default for VideoConfig {
             height: 240,
             keyframe_interval: Some(Duration::from_secs(2)),
             max_payload: 1100,
+            layer: 0,
         }
     }
 }
@@ -121,6 +130,7 @@ impl VideoSource {
     /// A source writing `ssrc` and `payload_type`.
     pub fn new(config: VideoConfig, ssrc: u32, payload_type: u8) -> Self {
         let seed = crate::random_u64() | 1;
+        let counter = u32::from(config.layer & 0x0f) << PROBE_LAYER_SHIFT;
         VideoSource {
             config,
             ssrc,
@@ -130,7 +140,7 @@ impl VideoSource {
             last_ts_offset: None,
             start: None,
             picture_id: (seed >> 8) as u16 & 0x7fff,
-            counter: 0,
+            counter,
             keyframe_requested: false,
             last_keyframe: None,
             rng: seed,
@@ -469,6 +479,28 @@ pub fn vp8_is_keyframe(payload: &[u8]) -> bool {
     }
 }
 
+/// The simulcast layer index a video probe counter carries (0 for a single stream).
+pub fn probe_layer(counter: u32) -> u8 {
+    (counter >> PROBE_LAYER_SHIFT) as u8
+}
+
+/// The frame size a VP8 keyframe's first packet announces (RFC 6386 §9.1: after the frame tag,
+/// the start code and the 14-bit width and height). `None` for anything else.
+pub fn vp8_keyframe_size(payload: &[u8]) -> Option<(u16, u16)> {
+    if !vp8_is_keyframe(payload) {
+        return None;
+    }
+    let d = parse_vp8_descriptor(payload)?;
+    let start = d.len + VP8_FRAME_TAG_LEN;
+    let header = payload.get(start..start + VP8_KEYFRAME_EXTRA_LEN)?;
+    if header[..3] != [0x9d, 0x01, 0x2a] {
+        return None;
+    }
+    let width = u16::from_le_bytes([header[3], header[4]]) & 0x3fff;
+    let height = u16::from_le_bytes([header[5], header[6]]) & 0x3fff;
+    Some((width, height))
+}
+
 /// Reads the probe of a payload made by [`VideoSource`] or [`AudioSource`]:
 /// `(send_time_us, counter)`. `None` if the payload is too short or carries no plausible probe
 /// (e.g. a real encoder's output).
@@ -603,6 +635,37 @@ mod tests {
                 .picture_id
         };
         assert_eq!(pid(&second).unwrap(), (pid(&first).unwrap() + 1) & 0x7fff);
+    }
+
+    #[test]
+    fn a_layer_source_names_its_layer_and_size() {
+        let config = VideoConfig {
+            width: 1280,
+            height: 720,
+            layer: 2,
+            ..VideoConfig::default()
+        };
+        let mut source = VideoSource::new(config, 9, 96);
+        let t0 = Instant::now();
+        let key = source.next_frame(t0, NOW_US);
+        assert_eq!(
+            vp8_keyframe_size(&key.packets[0].payload),
+            Some((1280, 720))
+        );
+        for p in &key.packets[1..] {
+            assert_eq!(vp8_keyframe_size(&p.payload), None, "not a frame start");
+        }
+        let delta = source.next_frame(t0 + Duration::from_millis(33), NOW_US);
+        assert_eq!(vp8_keyframe_size(&delta.packets[0].payload), None);
+        for p in key.packets.iter().chain(&delta.packets) {
+            let (_, counter) = parse_probe(TrackKind::Video, &p.payload).unwrap();
+            assert_eq!(probe_layer(counter), 2);
+        }
+        // A single stream is layer 0.
+        let mut single = VideoSource::new(VideoConfig::default(), 1, 96);
+        let frame = single.next_frame(t0, NOW_US);
+        let (_, counter) = parse_probe(TrackKind::Video, &frame.packets[0].payload).unwrap();
+        assert_eq!((probe_layer(counter), counter), (0, 0));
     }
 
     #[test]

@@ -22,8 +22,8 @@ use webrtc::peer_connection::{
 use crate::media::{AudioConfig, VideoConfig};
 use crate::media_file::{IvfClip, OggOpusClip};
 use crate::publish::{
-    add_published_track, spawn_sender, AudioLevel, AudioMedia, PublishedTrack, SendOptions,
-    VideoMedia,
+    add_published_track, add_simulcast_video_track, check_simulcast_layers, spawn_sender,
+    AudioLevel, AudioMedia, PublishedTrack, SendOptions, SimulcastLayer, VideoMedia,
 };
 use crate::rtc_setup::{
     build_peer_connection, candidate_from_wire, candidate_to_wire, sdp_mid_and_ufrag, PcOptions,
@@ -66,6 +66,9 @@ pub struct PeerConfig {
     /// Read the synthetic probes out of received payloads (loss and one-way latency). Off when
     /// the room carries real media, whose bytes could now and then look like a probe.
     pub read_probes: bool,
+    /// Publish the video as simulcast with these layers, smallest first (empty: one stream of
+    /// `video_bitrate_bps`). Synthetic video only.
+    pub simulcast: Vec<SimulcastLayer>,
 }
 
 impl PeerConfig {
@@ -87,7 +90,34 @@ impl PeerConfig {
             video_clip: None,
             audio_clip: None,
             read_probes: true,
+            simulcast: Vec::new(),
         }
+    }
+
+    /// Publishes the video as simulcast in the three layers a browser sends of a 720p camera
+    /// ([`SimulcastLayer::three_layers`]).
+    pub fn simulcast(self) -> Self {
+        self.simulcast_layers(SimulcastLayer::three_layers())
+    }
+
+    /// Publishes the video as simulcast with `layers`, smallest first.
+    pub fn simulcast_layers(mut self, layers: Vec<SimulcastLayer>) -> Self {
+        self.simulcast = layers;
+        self
+    }
+
+    /// Refuses combinations that cannot work, before anything connects.
+    fn check(&self) -> Result<()> {
+        if self.simulcast.is_empty() {
+            return Ok(());
+        }
+        check_simulcast_layers(&self.simulcast)?;
+        if self.video_clip.is_some() {
+            return Err(Error::InvalidConfig(
+                "simulcast sends synthetic layers; it cannot publish a video file".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Publishes the VP8 clip of an IVF file (looped, paced by its timestamps) as video.
@@ -470,6 +500,7 @@ impl HeadlessPeer {
     /// Returns once `joined` arrived and the offer is sent; media starts when ICE connects.
     /// A server `error` instead of `joined` is `Err(Error::Server { .. })`.
     pub async fn join(config: PeerConfig) -> Result<HeadlessPeer> {
+        config.check()?;
         let signal = Arc::new(SignalClient::connect(&config.url).await?);
         signal
             .send(&ClientMessage::Join {
@@ -564,7 +595,13 @@ impl HeadlessPeer {
                     kinds.push(TrackKind::Video);
                 }
                 for kind in kinds {
-                    match add_published_track(&slot.pc, kind, &participant_id).await {
+                    let added = if kind == TrackKind::Video && !config.simulcast.is_empty() {
+                        add_simulcast_video_track(&slot.pc, &participant_id, &config.simulcast)
+                            .await
+                    } else {
+                        add_published_track(&slot.pc, kind, &participant_id).await
+                    };
+                    match added {
                         Ok(track) => published.push(track),
                         Err(e) => {
                             let _ = slot.pc.close().await;
@@ -1142,6 +1179,33 @@ async fn add_candidates(inner: &Inner, pc: PcName, candidates: Vec<IceCandidate>
                 inner,
                 format!("{} candidate {:?}: {e}", pc.as_str(), c.candidate),
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_simulcast_config_that_cannot_work_is_refused_before_connecting() {
+        // Nothing listens here: the refusal must come before any connection attempt.
+        let url = "ws://127.0.0.1:9/ws";
+        let clip = PeerConfig::new(url, "r", "n")
+            .simulcast()
+            .video_file(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/testdata/testsrc-320x240-30fps.ivf"
+            ))
+            .unwrap();
+        let one_layer = PeerConfig::new(url, "r", "n")
+            .simulcast_layers(vec![SimulcastLayer::new("q", 320, 180, 150_000)]);
+        for (config, reason) in [(clip, "video file"), (one_layer, "2 to 16 layers")] {
+            match HeadlessPeer::join(config).await {
+                Err(Error::InvalidConfig(why)) => assert!(why.contains(reason), "{why}"),
+                Err(other) => panic!("expected an invalid configuration, got {other}"),
+                Ok(_) => panic!("joined with an impossible configuration"),
+            }
         }
     }
 }

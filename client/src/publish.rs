@@ -1,11 +1,14 @@
-//! Publishing media on a peer connection: adding a send-only VP8 or Opus track, and the task
-//! that paces its packets in real time (synthetic sources on a fixed frame clock, file sources on
-//! the file's own clock), answers keyframe requests (PLI/FIR), and counts what it sent.
+//! Publishing media on a peer connection: adding a send-only VP8 or Opus track (VP8 also as
+//! simulcast: several synthetic layers of different sizes on one track, told apart by rid),
+//! and the task that paces its packets in real time (synthetic sources on a fixed frame clock,
+//! file sources on the file's own clock), answers keyframe requests (PLI/FIR, per layer), and
+//! counts what it sent.
 
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use bytes::Bytes;
 use rtc::rtp::extension::audio_level_extension::AudioLevelExtension;
 use rtc::rtp::extension::HeaderExtension;
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
@@ -19,8 +22,11 @@ use webrtc::rtp_transceiver::{RtpSender, RtpTransceiver};
 
 use crate::media::{AudioConfig, AudioSource, VideoConfig, VideoSource, AUDIO_FRAME};
 use crate::media_file::{FileAudioSource, FileVideoSource, IvfClip, OggOpusClip};
-use crate::rtc_setup::{is_keyframe_request, negotiated_payload_type, new_local_track};
-use crate::stats::StatsStore;
+use crate::rtc_setup::{
+    keyframe_request_ssrcs, negotiated_payload_type, new_local_track, new_simulcast_track,
+    simulcast_extension_ids,
+};
+use crate::stats::{lock, SentLayerStats, StatsStore};
 use crate::{Error, Result};
 
 /// Raw value meaning "send no audio level extension".
@@ -66,8 +72,118 @@ pub struct PublishedTrack {
     pub sender: Arc<dyn RtpSender>,
     /// Its transceiver (for the mid).
     pub transceiver: Arc<dyn RtpTransceiver>,
-    /// The SSRC packets carry.
+    /// The SSRC packets carry (for simulcast, the smallest layer's).
     pub ssrc: u32,
+    /// Simulcast layers, smallest first, each with its SSRC (empty for a single stream).
+    pub layers: Vec<(SimulcastLayer, u32)>,
+}
+
+/// One layer of a simulcast video track: a synthetic VP8 source of its own size and bitrate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimulcastLayer {
+    /// Its RTP stream id (`a=rid`): letters and digits, at most 16 (one header extension).
+    pub rid: String,
+    /// Width its keyframes announce.
+    pub width: u16,
+    /// Height its keyframes announce.
+    pub height: u16,
+    /// Target bitrate, bits per second.
+    pub bitrate_bps: u32,
+}
+
+impl SimulcastLayer {
+    /// A layer `rid` of `width`×`height` at `bitrate_bps`.
+    pub fn new(rid: impl Into<String>, width: u16, height: u16, bitrate_bps: u32) -> Self {
+        SimulcastLayer {
+            rid: rid.into(),
+            width,
+            height,
+            bitrate_bps,
+        }
+    }
+
+    /// The three layers a browser sends of a 720p camera (rids as Chromium names them):
+    /// q 320×180 at 150 kbit/s, h 640×360 at 500 kbit/s, f 1280×720 at 1.5 Mbit/s.
+    pub fn three_layers() -> Vec<SimulcastLayer> {
+        vec![
+            SimulcastLayer::new("q", 320, 180, 150_000),
+            SimulcastLayer::new("h", 640, 360, 500_000),
+            SimulcastLayer::new("f", 1280, 720, 1_500_000),
+        ]
+    }
+}
+
+/// Largest width or height a VP8 keyframe header can carry (14 bits).
+const VP8_MAX_DIMENSION: u16 = 0x3fff;
+/// Most layers a simulcast track may have: as many as the server accepts (`a=rid` lines per
+/// m-section) and the probe counter can name.
+const MAX_SIMULCAST_LAYERS: usize = 16;
+
+/// Checks a simulcast layer list, saying what is wrong: 2 to 16 layers, distinct rids of 1–16
+/// letters or digits, sizes 1–16383, nonzero bitrates.
+pub fn check_simulcast_layers(layers: &[SimulcastLayer]) -> Result<()> {
+    let invalid = |why: String| Err(Error::InvalidConfig(why));
+    if !(2..=MAX_SIMULCAST_LAYERS).contains(&layers.len()) {
+        return invalid(format!(
+            "simulcast needs 2 to {MAX_SIMULCAST_LAYERS} layers, got {}",
+            layers.len()
+        ));
+    }
+    for (i, layer) in layers.iter().enumerate() {
+        let rid = &layer.rid;
+        if rid.is_empty() || rid.len() > 16 || !rid.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return invalid(format!(
+                "simulcast rid {rid:?}: use 1 to 16 ASCII letters or digits"
+            ));
+        }
+        if layers[..i].iter().any(|l| l.rid == *rid) {
+            return invalid(format!("simulcast rid {rid:?} is used twice"));
+        }
+        let sizes = 1..=VP8_MAX_DIMENSION;
+        if !sizes.contains(&layer.width) || !sizes.contains(&layer.height) {
+            return invalid(format!(
+                "simulcast layer {rid:?}: {}x{} is not a VP8 frame size (1 to {VP8_MAX_DIMENSION})",
+                layer.width, layer.height
+            ));
+        }
+        if layer.bitrate_bps == 0 {
+            return invalid(format!("simulcast layer {rid:?}: bitrate must be above 0"));
+        }
+    }
+    Ok(())
+}
+
+/// A fresh track id of `kind`.
+fn new_track_id(kind: TrackKind) -> String {
+    format!(
+        "{}-{:08x}",
+        match kind {
+            TrackKind::Audio => "audio",
+            TrackKind::Video => "video",
+        },
+        crate::random_u64() as u32
+    )
+}
+
+/// Adds `track` to `pc` as send-only in media stream `stream_id`; returns its transceiver
+/// and sender.
+async fn add_send_only(
+    pc: &Arc<dyn PeerConnection>,
+    track: &Arc<TrackLocalStaticRTP>,
+    stream_id: &str,
+) -> Result<(Arc<dyn RtpTransceiver>, Arc<dyn RtpSender>)> {
+    let transceiver = pc
+        .add_transceiver_from_track(
+            Arc::clone(track) as Arc<dyn TrackLocal>,
+            Some(RTCRtpTransceiverInit {
+                direction: RTCRtpTransceiverDirection::Sendonly,
+                streams: vec![stream_id.to_owned()],
+                send_encodings: vec![],
+            }),
+        )
+        .await?;
+    let sender = transceiver.sender().await?.ok_or(Error::Stopped)?;
+    Ok((transceiver, sender))
 }
 
 /// Adds a send-only track of `kind` in media stream `stream_id` to `pc`.
@@ -77,32 +193,47 @@ pub async fn add_published_track(
     stream_id: &str,
 ) -> Result<PublishedTrack> {
     let ssrc = (crate::random_u64() as u32).max(1);
-    let track_id = format!(
-        "{}-{:08x}",
-        match kind {
-            TrackKind::Audio => "audio",
-            TrackKind::Video => "video",
-        },
-        crate::random_u64() as u32
-    );
-    let track = new_local_track(kind, stream_id, &track_id, ssrc);
-    let transceiver = pc
-        .add_transceiver_from_track(
-            Arc::clone(&track) as Arc<dyn TrackLocal>,
-            Some(RTCRtpTransceiverInit {
-                direction: RTCRtpTransceiverDirection::Sendonly,
-                streams: vec![stream_id.to_owned()],
-                send_encodings: vec![],
-            }),
-        )
-        .await?;
-    let sender = transceiver.sender().await?.ok_or(Error::Stopped)?;
+    let track = new_local_track(kind, stream_id, &new_track_id(kind), ssrc);
+    let (transceiver, sender) = add_send_only(pc, &track, stream_id).await?;
     Ok(PublishedTrack {
         kind,
         track,
         sender,
         transceiver,
         ssrc,
+        layers: Vec::new(),
+    })
+}
+
+/// Adds a send-only VP8 track in media stream `stream_id` to `pc` that sends `layers` as
+/// simulcast (listed smallest first). Fails with [`Error::InvalidConfig`] on a bad layer list.
+pub async fn add_simulcast_video_track(
+    pc: &Arc<dyn PeerConnection>,
+    stream_id: &str,
+    layers: &[SimulcastLayer],
+) -> Result<PublishedTrack> {
+    check_simulcast_layers(layers)?;
+    let mut ssrcs: Vec<u32> = Vec::with_capacity(layers.len());
+    while ssrcs.len() < layers.len() {
+        let ssrc = (crate::random_u64() as u32).max(1);
+        if !ssrcs.contains(&ssrc) {
+            ssrcs.push(ssrc);
+        }
+    }
+    let rids: Vec<(String, u32)> = layers
+        .iter()
+        .zip(&ssrcs)
+        .map(|(l, ssrc)| (l.rid.clone(), *ssrc))
+        .collect();
+    let track = new_simulcast_track(stream_id, &new_track_id(TrackKind::Video), &rids);
+    let (transceiver, sender) = add_send_only(pc, &track, stream_id).await?;
+    Ok(PublishedTrack {
+        kind: TrackKind::Video,
+        track,
+        sender,
+        transceiver,
+        ssrc: ssrcs[0],
+        layers: layers.iter().cloned().zip(ssrcs).collect(),
     })
 }
 
@@ -193,10 +324,23 @@ pub fn spawn_sender(
         let payload_type = negotiated_payload_type(&published.sender, kind)
             .await
             .unwrap_or(default_pt);
-        stats.update_sent(kind, |s| s.ssrc = published.ssrc);
+        // Before the RTCP reader starts, so it can count every request per layer.
+        stats.update_sent(kind, |s| {
+            s.ssrc = published.ssrc;
+            s.layers = published
+                .layers
+                .iter()
+                .map(|(layer, ssrc)| SentLayerStats {
+                    rid: layer.rid.clone(),
+                    ssrc: *ssrc,
+                    frame_size: (layer.width, layer.height),
+                    ..SentLayerStats::default()
+                })
+                .collect();
+        });
         tracing::debug!(?kind, payload_type, ssrc = published.ssrc, "sending");
 
-        let requests = Arc::new(Notify::new());
+        let requests = Arc::new(KeyframeRequests::default());
         let _reader = AbortOnDrop(spawn_rtcp_reader(
             Arc::clone(&published.track),
             kind,
@@ -204,7 +348,7 @@ pub fn spawn_sender(
             stats.clone(),
         ));
         let mut sender = Sender {
-            track: published.track,
+            track: Arc::clone(&published.track),
             kind,
             stats,
             audio_level: options.audio_level,
@@ -217,6 +361,19 @@ pub fn spawn_sender(
             )
         };
         match (kind, options.video, options.audio) {
+            (TrackKind::Video, VideoMedia::Synthetic(config), _)
+                if !published.layers.is_empty() =>
+            {
+                send_simulcast(
+                    &published,
+                    config,
+                    payload_type,
+                    &mut sender,
+                    &requests,
+                    &mut connection,
+                )
+                .await;
+            }
             (TrackKind::Video, VideoMedia::Synthetic(config), _) => {
                 let mut source = VideoSource::new(config, published.ssrc, payload_type);
                 let frame_interval = source.config().frame_interval();
@@ -226,6 +383,7 @@ pub fn spawn_sender(
                     tokio::select! {
                         _ = tokio::time::sleep_until(clock.due(frame_interval * frames)) => {}
                         _ = requests.notified() => {
+                            requests.take();
                             source.request_keyframe();
                             let now = Instant::now();
                             let recent = source
@@ -260,6 +418,7 @@ pub fn spawn_sender(
                         // A file cannot make a keyframe now: the next frame due skips ahead to
                         // the clip's next keyframe instead.
                         _ = requests.notified() => {
+                            requests.take();
                             source.request_keyframe();
                             continue;
                         }
@@ -353,11 +512,37 @@ impl PacingClock {
     }
 }
 
-/// Reads RTCP delivered to `track` and signals `requests` on every PLI/FIR.
+/// Keyframe requests on their way from the RTCP reader to the sending loop: which SSRCs were
+/// asked for since the loop last looked.
+#[derive(Default)]
+struct KeyframeRequests {
+    /// Requested SSRCs, in arrival order.
+    ssrcs: Mutex<Vec<u32>>,
+    /// Wakes the sending loop.
+    notify: Notify,
+}
+
+impl KeyframeRequests {
+    fn push(&self, ssrcs: &[u32]) {
+        lock(&self.ssrcs).extend_from_slice(ssrcs);
+        self.notify.notify_one();
+    }
+
+    async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// The SSRCs requested since the last call.
+    fn take(&self) -> Vec<u32> {
+        std::mem::take(&mut *lock(&self.ssrcs))
+    }
+}
+
+/// Reads RTCP delivered to `track` and passes on every PLI/FIR to `requests`.
 fn spawn_rtcp_reader(
     track: Arc<TrackLocalStaticRTP>,
     kind: TrackKind,
-    requests: Arc<Notify>,
+    requests: Arc<KeyframeRequests>,
     stats: StatsStore,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -365,16 +550,121 @@ fn spawn_rtcp_reader(
             let TrackLocalEvent::OnRtcpPacket(packets) = event else {
                 continue;
             };
-            if packets.iter().any(|p| is_keyframe_request(p.as_ref())) {
-                tracing::debug!(?kind, "keyframe request");
-                stats.update_sent(kind, |s| {
-                    s.keyframe_requests += 1;
-                    s.last_keyframe_request_at = Some(Instant::now());
-                });
-                requests.notify_one();
+            let ssrcs: Vec<u32> = packets
+                .iter()
+                .flat_map(|p| keyframe_request_ssrcs(p.as_ref()))
+                .collect();
+            if ssrcs.is_empty() {
+                continue;
             }
+            tracing::debug!(?kind, ?ssrcs, "keyframe request");
+            stats.update_sent(kind, |s| {
+                s.keyframe_requests += 1;
+                s.last_keyframe_request_at = Some(Instant::now());
+                for layer in &mut s.layers {
+                    if ssrcs.contains(&layer.ssrc) {
+                        layer.keyframe_requests += 1;
+                    }
+                }
+            });
+            requests.push(&ssrcs);
         }
     })
+}
+
+/// Sends a simulcast track: one synthetic VP8 source per layer, all on one frame clock, each
+/// packet tagged with the mid and its layer's rid (the SDP names no SSRCs, so that is how the
+/// receiver tells the layers apart). A keyframe request makes a keyframe on the layers it
+/// names only.
+async fn send_simulcast(
+    published: &PublishedTrack,
+    base: VideoConfig,
+    payload_type: u8,
+    sender: &mut Sender,
+    requests: &KeyframeRequests,
+    connection: &mut watch::Receiver<RTCPeerConnectionState>,
+) {
+    let (mid_id, rid_id) = simulcast_extension_ids(&published.sender).await;
+    let mid = published.transceiver.mid().await.ok().flatten();
+    if rid_id.is_none() || mid_id.is_none() || mid.is_none() {
+        tracing::warn!(
+            ?mid_id,
+            ?rid_id,
+            ?mid,
+            "the mid or rid header extension was not negotiated: the receiver cannot tell the \
+             simulcast layers apart"
+        );
+    }
+    let mut layers: Vec<(VideoSource, Vec<(u8, Bytes)>)> = published
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(index, (layer, ssrc))| {
+            let config = VideoConfig {
+                width: layer.width,
+                height: layer.height,
+                bitrate_bps: layer.bitrate_bps,
+                layer: index as u8,
+                ..base.clone()
+            };
+            let mut extensions = Vec::new();
+            if let (Some(id), Some(mid)) = (mid_id, &mid) {
+                extensions.push((id, Bytes::from(mid.clone())));
+            }
+            if let Some(id) = rid_id {
+                extensions.push((id, Bytes::from(layer.rid.clone())));
+            }
+            (VideoSource::new(config, *ssrc, payload_type), extensions)
+        })
+        .collect();
+    let frame_interval = base.frame_interval();
+    let mut clock = PacingClock::new();
+    let mut frames: u32 = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(clock.due(frame_interval * frames)) => {}
+            _ = requests.notified() => {
+                let asked = requests.take();
+                let now = Instant::now();
+                let mut overdue = false;
+                for (source, _) in &mut layers {
+                    if asked.contains(&source.ssrc()) {
+                        source.request_keyframe();
+                        // One just sent answers it, and the next frame due makes another.
+                        overdue |= source
+                            .last_keyframe()
+                            .is_none_or(|k| now.duration_since(k) >= frame_interval);
+                    }
+                }
+                if !overdue {
+                    continue;
+                }
+                // At once, and restart the frame clock from here.
+                clock.restart(frame_interval * frames);
+            }
+            changed = connection.changed() => {
+                let stopped = changed.is_err()
+                    || matches!(
+                        *connection.borrow(),
+                        RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
+                    );
+                if stopped {
+                    break;
+                }
+                continue;
+            }
+        }
+        clock.sent(frame_interval * frames);
+        let now = Instant::now();
+        let now_us = crate::unix_micros();
+        for (index, (source, extensions)) in layers.iter_mut().enumerate() {
+            let frame = source.next_frame(now, now_us);
+            sender
+                .send_video_layer(frame, Some((index, extensions.as_slice())))
+                .await;
+        }
+        frames = frames.wrapping_add(1);
+    }
 }
 
 /// Writes packets to a track and counts them.
@@ -393,10 +683,25 @@ struct Sender {
 
 impl Sender {
     async fn send_video(&mut self, frame: crate::media::VideoFrame) {
+        self.send_video_layer(frame, None).await;
+    }
+
+    /// Sends a frame; for a simulcast layer, `layer` is its index and the header extensions
+    /// its packets carry.
+    async fn send_video_layer(
+        &mut self,
+        frame: crate::media::VideoFrame,
+        layer: Option<(usize, &[(u8, Bytes)])>,
+    ) {
         let mut sent = 0u64;
         let mut bytes = 0u64;
-        for packet in frame.packets {
+        for mut packet in frame.packets {
             let len = packet.payload.len() as u64;
+            for (id, value) in layer.map_or(&[][..], |(_, extensions)| extensions) {
+                if let Err(e) = packet.header.set_extension(*id, value.clone()) {
+                    tracing::debug!("header extension {id} not set: {e}");
+                }
+            }
             match self.track.write_rtp(packet).await {
                 Ok(()) => {
                     sent += 1;
@@ -416,6 +721,13 @@ impl Sender {
             s.write_errors = errors;
             if sent > 0 {
                 s.first_sent_at.get_or_insert_with(Instant::now);
+            }
+            if let Some(l) = layer.and_then(|(index, _)| s.layers.get_mut(index)) {
+                l.packets += sent;
+                l.bytes += bytes;
+                if frame.keyframe {
+                    l.keyframes += 1;
+                }
             }
         });
     }
@@ -458,5 +770,34 @@ impl Sender {
         } else {
             tracing::trace!(kind = ?self.kind, "write_rtp failed: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simulcast_layer_lists_are_checked_with_a_reason() {
+        assert!(check_simulcast_layers(&SimulcastLayer::three_layers()).is_ok());
+        let reason = |layers: Vec<SimulcastLayer>| match check_simulcast_layers(&layers) {
+            Err(Error::InvalidConfig(why)) => why,
+            other => panic!("{layers:?} was not refused: {other:?}"),
+        };
+        let q = SimulcastLayer::new("q", 320, 180, 150_000);
+        assert!(reason(vec![q.clone()]).contains("2 to 16 layers"));
+        assert!(reason(vec![q.clone(); 17]).contains("2 to 16 layers"));
+        assert!(reason(vec![q.clone(), q.clone()]).contains("used twice"));
+        let rid = |r: &str| SimulcastLayer::new(r, 640, 360, 500_000);
+        for bad in ["", "h;1", "a-very-long-rid-name", "h\u{e9}"] {
+            assert!(
+                reason(vec![q.clone(), rid(bad)]).contains("ASCII letters or digits"),
+                "{bad:?}"
+            );
+        }
+        let size = SimulcastLayer::new("f", 20_000, 720, 1_500_000);
+        assert!(reason(vec![q.clone(), size]).contains("not a VP8 frame size"));
+        let silent = SimulcastLayer::new("f", 1280, 720, 0);
+        assert!(reason(vec![q, silent]).contains("bitrate"));
     }
 }

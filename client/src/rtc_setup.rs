@@ -27,7 +27,7 @@ use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use rtc::sansio::Protocol;
-use rtc::sdp::extmap::{AUDIO_LEVEL_URI, SDES_MID_URI};
+use rtc::sdp::extmap::{AUDIO_LEVEL_URI, SDES_MID_URI, SDES_RTP_STREAM_ID_URI};
 use signaling::protocol::{IceCandidate, IceServer, TrackKind};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::peer_connection::{
@@ -229,6 +229,54 @@ pub fn new_local_track(
     )))
 }
 
+/// A local VP8 track sending one simulcast layer per `(rid, ssrc)`, in media stream
+/// `stream_id`: its offer carries `a=rid:<rid> send` per layer and `a=simulcast:send`, and
+/// every packet must carry the mid and rid header extensions (see
+/// [`simulcast_extension_ids`]), because the SDP names no SSRCs.
+pub fn new_simulcast_track(
+    stream_id: &str,
+    track_id: &str,
+    layers: &[(String, u32)],
+) -> Arc<TrackLocalStaticRTP> {
+    let codings = layers
+        .iter()
+        .map(|(rid, ssrc)| RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                rid: rid.clone(),
+                ssrc: Some(*ssrc),
+                ..Default::default()
+            },
+            codec: codec_for(TrackKind::Video),
+            active: true,
+            ..Default::default()
+        })
+        .collect();
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        stream_id.to_owned(),
+        track_id.to_owned(),
+        format!("headless-{track_id}"),
+        RtpCodecKind::Video,
+        codings,
+    )))
+}
+
+/// The negotiated ids of the mid and rid header extensions on `sender`, which a simulcast
+/// receiver needs on every packet to tell the layers apart. `None` for one not negotiated.
+pub async fn simulcast_extension_ids(sender: &Arc<dyn RtpSender>) -> (Option<u8>, Option<u8>) {
+    let Ok(params) = sender.get_parameters().await else {
+        return (None, None);
+    };
+    let id = |uri: &str| {
+        params
+            .rtp_parameters
+            .header_extensions
+            .iter()
+            .find(|e| e.uri == uri)
+            .map(|e| e.id as u8)
+    };
+    (id(SDES_MID_URI), id(SDES_RTP_STREAM_ID_URI))
+}
+
 /// The payload type negotiated for `sender`'s codec of `kind` (`write_rtp` drops packets with
 /// any other).
 pub async fn negotiated_payload_type(sender: &Arc<dyn RtpSender>, kind: TrackKind) -> Option<u8> {
@@ -246,6 +294,19 @@ pub async fn negotiated_payload_type(sender: &Arc<dyn RtpSender>, kind: TrackKin
 pub fn is_keyframe_request(packet: &dyn rtc::rtcp::Packet) -> bool {
     let any = packet.as_any();
     any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+}
+
+/// The SSRCs an RTCP packet asks keyframes of: a PLI's media SSRC, a FIR's entries (empty for
+/// anything else).
+pub fn keyframe_request_ssrcs(packet: &dyn rtc::rtcp::Packet) -> Vec<u32> {
+    let any = packet.as_any();
+    if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+        vec![pli.media_ssrc]
+    } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+        fir.fir.iter().map(|entry| entry.ssrc).collect()
+    } else {
+        Vec::new()
+    }
 }
 
 /// Marks inbound RTCP compounds that contain a PLI or FIR with
@@ -424,5 +485,37 @@ pub fn candidate_from_wire(c: &IceCandidate) -> RTCIceCandidateInit {
         sdp_mline_index: c.sdp_mline_index,
         username_fragment: c.username_fragment.clone(),
         url: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtc::rtcp::payload_feedbacks::full_intra_request::FirEntry;
+
+    #[test]
+    fn keyframe_requests_name_their_ssrcs() {
+        let pli = PictureLossIndication {
+            sender_ssrc: 0,
+            media_ssrc: 42,
+        };
+        assert_eq!(keyframe_request_ssrcs(&pli), vec![42]);
+        let fir = FullIntraRequest {
+            sender_ssrc: 0,
+            media_ssrc: 0,
+            fir: vec![
+                FirEntry {
+                    ssrc: 7,
+                    sequence_number: 1,
+                },
+                FirEntry {
+                    ssrc: 9,
+                    sequence_number: 1,
+                },
+            ],
+        };
+        assert_eq!(keyframe_request_ssrcs(&fir), vec![7, 9]);
+        let receiver_report = rtc::rtcp::receiver_report::ReceiverReport::default();
+        assert!(keyframe_request_ssrcs(&receiver_report).is_empty());
     }
 }

@@ -1,6 +1,7 @@
-//! What a headless peer measured: per received track (packets, bytes, keyframes, sequence
-//! continuity, probe loss and one-way latency) and per published track (packets sent, keyframes,
-//! keyframe requests), plus the recorder that fills them from webrtc-rs remote tracks.
+//! What a headless peer measured: per received track (packets, bytes, keyframes, frame size,
+//! simulcast layer and layer switches, sequence continuity, probe loss and one-way latency)
+//! and per published track (packets sent, keyframes, keyframe requests, per simulcast layer
+//! too), plus the recorder that fills them from webrtc-rs remote tracks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,7 @@ use std::time::Instant;
 use signaling::protocol::TrackKind;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
-use crate::media::{parse_probe, vp8_is_keyframe};
+use crate::media::{parse_probe, probe_layer, vp8_is_keyframe, vp8_keyframe_size};
 
 /// A received track: (publisher `participant_id`, server `track_id`), i.e. its msid.
 pub type TrackKey = (String, String);
@@ -69,31 +70,72 @@ pub struct TrackStats {
     pub probe_unique: u64,
     /// Probe counters received more than once.
     pub probe_duplicates: u64,
-    /// Smallest probe counter received, extended to 64 bits (only differences are meaningful).
+    /// Smallest probe counter received on the current simulcast layer, extended to 64 bits
+    /// (only differences are meaningful). Each layer counts on its own, so a layer switch
+    /// starts these afresh; what earlier layers spanned is in `probe_expected_earlier`.
     pub probe_first: Option<u64>,
-    /// Largest probe counter received, extended like `probe_first`.
+    /// Largest probe counter received on the current layer, extended like `probe_first`.
     pub probe_last: Option<u64>,
+    /// Probe counters spanned (first to last) on the layers received before the current one.
+    pub probe_expected_earlier: u64,
     /// One-way latency (receive time minus the probe's send time) of every distinct probe.
     pub latency: LatencyHistogram,
     /// RFC 3550 interarrival jitter of the current SSRC, in milliseconds (0 before the
     /// second packet).
     pub jitter_ms: f64,
+    /// In-order packets whose RTP timestamp is behind the previous in-order packet's (a
+    /// sender or SFU timeline that stepped back).
+    pub timestamp_regressions: u64,
+    /// Video: the frame size announced by the last keyframe received.
+    pub frame_size: Option<(u16, u16)>,
+    /// Video with probes: the simulcast layer the newest in-order packet came from (0 for a
+    /// single stream), read from its probe.
+    pub layer: Option<u8>,
+    /// Every change of that layer, in order.
+    pub layer_switches: Vec<LayerSwitch>,
+}
+
+/// The moment a received track's packets started coming from another simulcast layer, as
+/// the first packet of the new layer showed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerSwitch {
+    /// When it arrived.
+    pub at: Instant,
+    /// The layer before.
+    pub from: u8,
+    /// The layer after.
+    pub to: u8,
+    /// Whether that packet started a keyframe (a decoder can only join a layer there).
+    pub on_keyframe: bool,
+    /// The frame size that keyframe announced.
+    pub frame_size: Option<(u16, u16)>,
+    /// Its sequence number minus the previous packet's: 1 when the numbering continued.
+    pub seq_step: u64,
+    /// Its RTP timestamp minus the previous packet's, in clock units: positive when the
+    /// timeline moved forward.
+    pub timestamp_step: i64,
 }
 
 impl TrackStats {
+    /// Probe counters expected: from the first to the last received, on every layer.
+    pub fn probe_expected(&self) -> u64 {
+        let current = match (self.probe_first, self.probe_last) {
+            (Some(first), Some(last)) => last - first + 1,
+            _ => 0,
+        };
+        self.probe_expected_earlier + current
+    }
+
     /// Probe counters between the first and last received that never arrived.
     pub fn probe_lost(&self) -> u64 {
-        match (self.probe_first, self.probe_last) {
-            (Some(first), Some(last)) => (last - first + 1).saturating_sub(self.probe_unique),
-            _ => 0,
-        }
+        self.probe_expected().saturating_sub(self.probe_unique)
     }
 
     /// `probe_lost` as a fraction of the counters expected.
     pub fn probe_loss_ratio(&self) -> f64 {
-        match (self.probe_first, self.probe_last) {
-            (Some(first), Some(last)) => self.probe_lost() as f64 / (last - first + 1) as f64,
-            _ => 0.0,
+        match self.probe_expected() {
+            0 => 0.0,
+            expected => self.probe_lost() as f64 / expected as f64,
         }
     }
 
@@ -126,6 +168,28 @@ pub struct SentStats {
     pub last_keyframe_request_at: Option<Instant>,
     /// `write_rtp` failures.
     pub write_errors: u64,
+    /// Per simulcast layer, smallest first (empty for a single stream); the fields above sum
+    /// over them.
+    pub layers: Vec<SentLayerStats>,
+}
+
+/// What one simulcast layer of a published track sent.
+#[derive(Debug, Clone, Default)]
+pub struct SentLayerStats {
+    /// Its rid.
+    pub rid: String,
+    /// Its SSRC.
+    pub ssrc: u32,
+    /// The frame size its keyframes announce.
+    pub frame_size: (u16, u16),
+    /// RTP packets handed to webrtc-rs.
+    pub packets: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Keyframes sent.
+    pub keyframes: u64,
+    /// PLI/FIR received for this layer's SSRC.
+    pub keyframe_requests: u64,
 }
 
 /// A snapshot of everything a peer measured.
@@ -412,6 +476,8 @@ struct TrackRecord {
     read_probes: bool,
     /// Interarrival jitter of the current SSRC.
     jitter: JitterEstimator,
+    /// Extended sequence number and RTP timestamp of the newest in-order packet.
+    last_in_order: Option<(u64, u32)>,
 }
 
 /// RFC 3550 §6.4.1 interarrival jitter: the smoothed absolute difference between how far
@@ -459,6 +525,7 @@ impl TrackRecord {
             probe: SeqWindow::default(),
             read_probes,
             jitter: JitterEstimator::default(),
+            last_in_order: None,
         }
     }
 
@@ -487,6 +554,7 @@ impl TrackRecord {
             self.ssrc = Some(header.ssrc);
             self.seq = SeqWindow::default();
             self.jitter = JitterEstimator::default();
+            self.last_in_order = None;
         }
         let clock_rate = match s.kind {
             Some(TrackKind::Audio) => crate::media::AUDIO_CLOCK_RATE,
@@ -497,6 +565,11 @@ impl TrackRecord {
         s.jitter_ms = self.jitter.units() * 1000.0 / f64::from(clock_rate);
         let is_video = s.kind == Some(TrackKind::Video);
         let keyframe = is_video && vp8_is_keyframe(&packet.payload);
+        let keyframe_size = if keyframe {
+            vp8_keyframe_size(&packet.payload)
+        } else {
+            None
+        };
         if s.first_packet_at.is_none() {
             s.first_packet_at = Some(now);
             s.first_packet_keyframe = is_video.then_some(keyframe);
@@ -511,10 +584,12 @@ impl TrackRecord {
             s.keyframes += 1;
             s.first_keyframe_at.get_or_insert(now);
             s.last_keyframe_at = Some(now);
+            s.frame_size = keyframe_size.or(s.frame_size);
         }
 
         let ext = extend(self.seq.highest, u64::from(header.sequence_number), 16);
-        match self.seq.insert(ext) {
+        let arrival = self.seq.insert(ext);
+        match arrival {
             Arrival::New { gap } => {
                 if gap > 0 {
                     s.seq_gaps += 1;
@@ -525,6 +600,17 @@ impl TrackRecord {
             Arrival::Duplicate => s.seq_duplicates += 1,
             Arrival::TooOld => s.seq_late += 1,
         }
+        let in_order = matches!(arrival, Arrival::New { .. });
+        let previous = if in_order {
+            self.last_in_order.replace((ext, header.timestamp))
+        } else {
+            None
+        };
+        let timestamp_step =
+            previous.map(|(_, ts)| i64::from(header.timestamp.wrapping_sub(ts) as i32));
+        if timestamp_step.is_some_and(|step| step < 0) {
+            s.timestamp_regressions += 1;
+        }
 
         let kind = s.kind.unwrap_or(TrackKind::Video);
         let probe = if self.read_probes {
@@ -532,23 +618,55 @@ impl TrackRecord {
         } else {
             None
         };
-        if let Some((send_us, counter)) = probe {
-            s.probe_packets += 1;
-            let ext = extend(self.probe.highest, u64::from(counter), 32);
-            let fresh = match self.probe.insert(ext) {
-                Arrival::New { .. } | Arrival::Late => true,
-                Arrival::Duplicate => {
-                    s.probe_duplicates += 1;
-                    false
+        let Some((send_us, counter)) = probe else {
+            return;
+        };
+        s.probe_packets += 1;
+        if kind == TrackKind::Video {
+            let layer = probe_layer(counter);
+            match s.layer {
+                Some(current) if current != layer => {
+                    if !in_order {
+                        // A late copy (a retransmission) of the layer before the switch: it
+                        // counts for neither layer's probes.
+                        return;
+                    }
+                    s.layer_switches.push(LayerSwitch {
+                        at: now,
+                        from: current,
+                        to: layer,
+                        on_keyframe: keyframe,
+                        frame_size: keyframe_size,
+                        seq_step: previous.map_or(0, |(seq, _)| ext - seq),
+                        timestamp_step: timestamp_step.unwrap_or(0),
+                    });
+                    // Each layer has its own counter: loss is counted per layer.
+                    if let (Some(first), Some(last)) = (s.probe_first, s.probe_last) {
+                        s.probe_expected_earlier += last - first + 1;
+                    }
+                    s.probe_first = None;
+                    s.probe_last = None;
+                    self.probe = SeqWindow::default();
+                    s.layer = Some(layer);
                 }
-                Arrival::TooOld => false,
-            };
-            if fresh {
-                s.probe_unique += 1;
-                s.probe_first = Some(s.probe_first.map_or(ext, |f| f.min(ext)));
-                s.probe_last = Some(s.probe_last.map_or(ext, |l| l.max(ext)));
-                s.latency.record(now_us.saturating_sub(send_us));
+                Some(_) => {}
+                None => s.layer = Some(layer),
             }
+        }
+        let ext = extend(self.probe.highest, u64::from(counter), 32);
+        let fresh = match self.probe.insert(ext) {
+            Arrival::New { .. } | Arrival::Late => true,
+            Arrival::Duplicate => {
+                s.probe_duplicates += 1;
+                false
+            }
+            Arrival::TooOld => false,
+        };
+        if fresh {
+            s.probe_unique += 1;
+            s.probe_first = Some(s.probe_first.map_or(ext, |f| f.min(ext)));
+            s.probe_last = Some(s.probe_last.map_or(ext, |l| l.max(ext)));
+            s.latency.record(now_us.saturating_sub(send_us));
         }
     }
 }
@@ -728,6 +846,86 @@ mod tests {
         assert_eq!(s.probe_lost(), 1, "counter 4 never arrived");
         assert_eq!(s.latency.count(), 5);
         assert_eq!(s.latency.quantile_us(0.5), Some(1000));
+    }
+
+    /// What an SFU forwards of a simulcast track: layer 0 then, from a keyframe on, layer 2,
+    /// renumbered as one stream.
+    #[test]
+    fn layer_switches_are_recorded_with_their_continuity() {
+        use crate::media::{VideoConfig, VideoSource};
+        let layer = |index: u8, width: u16| {
+            let config = VideoConfig {
+                width,
+                height: width * 9 / 16,
+                layer: index,
+                keyframe_interval: None,
+                ..VideoConfig::default()
+            };
+            VideoSource::new(config, 100 + u32::from(index), 96)
+        };
+        let (mut low, mut high) = (layer(0, 320), layer(2, 1280));
+        let mut r = TrackRecord::new(true);
+        r.stats.kind = Some(TrackKind::Video);
+        let t0 = Instant::now();
+        let now_us = 1_750_000_000_000_000;
+        let (mut seq, mut ts) = (65_530u16, 1_000u32);
+        let mut forward = |r: &mut TrackRecord, mut p: rtc::rtp::Packet, ts_step: u32| {
+            p.header.ssrc = 7;
+            p.header.sequence_number = seq;
+            ts = ts.wrapping_add(ts_step);
+            p.header.timestamp = ts;
+            seq = seq.wrapping_add(1);
+            r.on_packet(&p, t0, now_us);
+        };
+        for i in 0..5u64 {
+            let at = t0 + std::time::Duration::from_millis(33 * i);
+            let frame = low.next_frame(at, now_us);
+            for (k, p) in frame.packets.into_iter().enumerate() {
+                forward(&mut r, p, if k == 0 && i > 0 { 3000 } else { 0 });
+            }
+            // The high layer runs alongside; the SFU drops it until its keyframe.
+            high.next_frame(at, now_us);
+        }
+        assert_eq!(
+            (r.stats.layer, r.stats.frame_size),
+            (Some(0), Some((320, 180)))
+        );
+        high.request_keyframe();
+        let frame = high.next_frame(t0 + std::time::Duration::from_millis(200), now_us);
+        for (k, p) in frame.packets.into_iter().enumerate() {
+            forward(&mut r, p, if k == 0 { 3000 } else { 0 });
+        }
+        let s = &r.stats;
+        assert_eq!((s.layer, s.frame_size), (Some(2), Some((1280, 720))));
+        assert_eq!(s.layer_switches.len(), 1);
+        let switch = &s.layer_switches[0];
+        assert_eq!((switch.from, switch.to), (0, 2));
+        assert!(switch.on_keyframe);
+        assert_eq!(switch.frame_size, Some((1280, 720)));
+        assert_eq!((switch.seq_step, switch.timestamp_step), (1, 3000));
+        assert!(s.seq_continuous(), "{s:#?}");
+        assert_eq!(s.timestamp_regressions, 0);
+        // Each layer's counter is its own: no loss across the switch.
+        assert_eq!(s.probe_lost(), 0, "{s:#?}");
+        assert_eq!(s.probe_expected(), s.probe_unique);
+
+        // A late retransmission of the old layer is not a switch back.
+        let mut late = low.next_frame(t0 + std::time::Duration::from_millis(233), now_us);
+        let mut p = late.packets.remove(0);
+        p.header.ssrc = 7;
+        p.header.sequence_number = seq.wrapping_sub(3);
+        p.header.timestamp = ts;
+        r.on_packet(&p, t0, now_us);
+        assert_eq!(r.stats.layer, Some(2));
+        assert_eq!(r.stats.layer_switches.len(), 1);
+        // A timeline that steps back is counted.
+        let mut next = high.next_frame(t0 + std::time::Duration::from_millis(266), now_us);
+        let mut p = next.packets.remove(0);
+        p.header.ssrc = 7;
+        p.header.sequence_number = seq;
+        p.header.timestamp = ts.wrapping_sub(90);
+        r.on_packet(&p, t0, now_us);
+        assert_eq!(r.stats.timestamp_regressions, 1);
     }
 
     #[test]
