@@ -149,6 +149,7 @@ async fn every_field_is_checked_and_the_error_names_it() {
         (r#"{"type":"mute","track_id":7,"muted":true}"#.into(), "\"track_id\""),
         (r#"{"type":"chat","text":["hi"]}"#.into(), "\"text\""),
         (r#"{"type":"set_quality","track_id":"t","quality":"ultra"}"#.into(), "\"quality\""),
+        (r#"{"type":"set_quality","track_id":"t","quality":"low"}"#.into(), "no track \"t\""),
     ];
     for (frame, mentions) in &after_join {
         expect_error(&client, frame, ErrorCode::BadRequest, mentions).await;

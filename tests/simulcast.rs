@@ -54,6 +54,9 @@ async fn each_subscriber_gets_the_layer_it_asks_for_and_switches_on_a_keyframe()
         }
     };
     let low = join_viewer("low").await;
+    // Asked as soon as `joined` announces the track, before its media reaches this viewer:
+    // the server keeps the wish until it subscribes the viewer.
+    low.set_quality(&track_id, Quality::Low).unwrap();
     let high = join_viewer("high").await;
     let default = join_viewer("default").await;
     for viewer in [&low, &high, &default] {
@@ -64,7 +67,6 @@ async fn each_subscriber_gets_the_layer_it_asks_for_and_switches_on_a_keyframe()
             .map(|(_, t)| t.clone())
             .unwrap_or_else(|| panic!("the video track was not announced: {state:#?}"));
         assert!(announced.simulcast, "announced as simulcast: {announced:?}");
-        // `set_quality` names a track the subscriber receives: wait until it does.
         assert!(
             viewer.wait_media_from(&camera_id, 1, 1, WAIT).await,
             "no video arrived: {:#?}",
@@ -72,7 +74,6 @@ async fn each_subscriber_gets_the_layer_it_asks_for_and_switches_on_a_keyframe()
         );
     }
 
-    low.set_quality(&track_id, Quality::Low).unwrap();
     high.set_quality(&track_id, Quality::High).unwrap();
     wait_for_layer(&low, "low", &camera_id, &track_id, LOW).await;
     for viewer in [&low, &high, &default] {

@@ -231,7 +231,8 @@ impl Participant {
         done.await.map_err(|_| unknown)?
     }
 
-    /// Sets the highest simulcast layer this participant wants of a track it receives.
+    /// Sets the highest simulcast layer this participant wants of a track it receives, or will:
+    /// a track announced but not yet forwarded to it gets the quality once it is.
     pub async fn set_quality(&self, track_id: TrackId, quality: Quality) -> Result<(), MediaError> {
         let (reply, done) = oneshot::channel();
         self.send(ParticipantCommand::SetQuality {

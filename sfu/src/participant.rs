@@ -277,6 +277,10 @@ enum Negotiation {
     },
 }
 
+/// Most tracks a participant may ask a quality for before their media reaches it: a room's
+/// worth, and a bound on what a client naming made-up tracks can make the server keep.
+const MAX_EARLY_QUALITY_WISHES: usize = 256;
+
 pub(crate) struct ParticipantTask {
     id: ParticipantId,
     room: RoomHandle,
@@ -295,6 +299,9 @@ pub(crate) struct ParticipantTask {
     published: HashMap<String, TrackId>,
     up_tracks: HashMap<TrackId, UpTrack>,
     down_tracks: HashMap<TrackId, DownTrack>,
+    /// The quality this participant asked for, per track, kept from before the track's media
+    /// reaches it (a client may ask as soon as the track is announced) until it is removed.
+    wanted_quality: HashMap<TrackId, Quality>,
     /// RTP bytes the fan-outs handed to the subscriber connection.
     sent_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// Reads the subscriber's bandwidth estimates.
@@ -326,6 +333,7 @@ impl ParticipantTask {
             published: HashMap::new(),
             up_tracks: HashMap::new(),
             down_tracks: HashMap::new(),
+            wanted_quality: HashMap::new(),
             sent_bytes: Arc::default(),
             downlink: DownlinkGovernor::default(),
         }
@@ -404,12 +412,18 @@ impl ParticipantTask {
                 quality,
                 reply,
             } => {
-                let result = match self.down_tracks.get(&track_id) {
-                    Some(down) => {
-                        down.source.fanout.set_quality(self.id.clone(), quality);
-                        Ok(())
-                    }
-                    None => Err(MediaError::UnknownTrack(track_id.to_string())),
+                let result = if let Some(down) = self.down_tracks.get(&track_id) {
+                    down.source.fanout.set_quality(self.id.clone(), quality);
+                    self.wanted_quality.insert(track_id, quality);
+                    Ok(())
+                } else if self.wanted_quality.len() < MAX_EARLY_QUALITY_WISHES
+                    || self.wanted_quality.contains_key(&track_id)
+                {
+                    // Announced but its media not here yet: applied when it is.
+                    self.wanted_quality.insert(track_id, quality);
+                    Ok(())
+                } else {
+                    Err(MediaError::UnknownTrack(track_id.to_string()))
                 };
                 let _ = reply.send(result);
             }
@@ -644,6 +658,9 @@ impl ParticipantTask {
                 sent_bytes: Arc::clone(&self.sent_bytes),
             },
         );
+        if let Some(quality) = self.wanted_quality.get(&track.track_id) {
+            source.fanout.set_quality(self.id.clone(), *quality);
+        }
         self.down_tracks.insert(
             track.track_id.clone(),
             DownTrack {
@@ -663,6 +680,7 @@ impl ParticipantTask {
     }
 
     async fn unsubscribe(&mut self, track_id: &TrackId) {
+        self.wanted_quality.remove(track_id);
         let Some(down) = self.down_tracks.remove(track_id) else {
             return;
         };

@@ -20,6 +20,7 @@ use sfu::{
     PeerRole, RoomId, SfuEvent, TrackId, TrackInfo,
 };
 use std::cell::Cell;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -49,6 +50,9 @@ struct Joined {
     /// Candidates trickled for each connection since its last negotiation (publisher,
     /// subscriber): each one makes the server send ICE checks, so their number is bounded.
     trickled: [usize; 2],
+    /// Other participants' tracks this client has been told about and not told are gone:
+    /// what `set_quality` may name, even before the track's media reaches this client.
+    announced_tracks: HashSet<String>,
 }
 
 /// Most candidates a client may trickle for one connection per negotiation; real clients
@@ -433,6 +437,15 @@ impl Session {
                 let Some(joined) = &self.joined else {
                     return Flow::Continue;
                 };
+                if !joined.announced_tracks.contains(&track_id) {
+                    return self.fail(ProtocolError::new(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "no track \"{track_id}\" of another participant is in the room; \
+                             set_quality takes a track_id from joined or track_published"
+                        ),
+                    ));
+                }
                 let quality = match quality {
                     protocol::Quality::Low => sfu::Quality::Low,
                     protocol::Quality::Medium => sfu::Quality::Medium,
@@ -469,6 +482,11 @@ impl Session {
         match self.state.sfu.join(&room_id, name, events_tx).await {
             Ok(joined) => {
                 tracing::debug!(room = %room_id, participant = %joined.participant.id(), "session joined");
+                let announced_tracks = joined
+                    .others
+                    .iter()
+                    .flat_map(|p| p.tracks.iter().map(|t| t.track_id.to_string()))
+                    .collect();
                 self.send(ServerMessage::Joined {
                     participant_id: joined.participant.id().to_string(),
                     room: room_id.to_string(),
@@ -482,6 +500,7 @@ impl Session {
                     can_publish,
                     offered_sections: None,
                     trickled: [0; 2],
+                    announced_tracks,
                 });
                 Flow::Continue
             }
@@ -515,20 +534,32 @@ impl Session {
                 participant_id,
                 track,
                 mid,
-            } => ServerMessage::TrackPublished {
-                participant_id: participant_id.to_string(),
-                track: protocol::Track {
-                    mid,
-                    ..track_message(&track)
-                },
-            },
+            } => {
+                if let Some(joined) = &mut self.joined {
+                    if &participant_id != joined.participant.id() {
+                        joined.announced_tracks.insert(track.track_id.to_string());
+                    }
+                }
+                ServerMessage::TrackPublished {
+                    participant_id: participant_id.to_string(),
+                    track: protocol::Track {
+                        mid,
+                        ..track_message(&track)
+                    },
+                }
+            }
             SfuEvent::TrackUnpublished {
                 participant_id,
                 track_id,
-            } => ServerMessage::TrackUnpublished {
-                participant_id: participant_id.to_string(),
-                track_id: track_id.to_string(),
-            },
+            } => {
+                if let Some(joined) = &mut self.joined {
+                    joined.announced_tracks.remove(track_id.as_str());
+                }
+                ServerMessage::TrackUnpublished {
+                    participant_id: participant_id.to_string(),
+                    track_id: track_id.to_string(),
+                }
+            }
             SfuEvent::TrackMuted {
                 participant_id,
                 track_id,
