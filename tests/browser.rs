@@ -19,7 +19,8 @@ mod cdp;
 mod common;
 
 use call_page::{
-    fail, js, step, tile_selector, wait_for_moving_video, InTheRoom, Person, Result, WAIT,
+    fail, js, step, tile_selector, wait_for_moving_video, wait_for_no_tile, InTheRoom, Person,
+    Result, WAIT,
 };
 use cdp::{Browser, CdpError};
 use clap::Parser;
@@ -58,20 +59,6 @@ async fn wait_for_tile_attribute(
             ),
             WAIT,
             &format!("{}'s tile to show {attribute}={value}", sender.name()),
-        )
-        .await
-        .map(drop)
-}
-
-/// Waits until `viewer`'s page has no tile of `kind` for `sender`.
-async fn wait_for_no_tile(viewer: &Person, sender: &impl InTheRoom, kind: &str) -> Result<()> {
-    let selector = js(&tile_selector(sender, kind));
-    viewer
-        .page
-        .wait_for(
-            &format!("document.querySelector({selector}) === null"),
-            WAIT,
-            &format!("{}'s {kind} tile to disappear", sender.name()),
         )
         .await
         .map(drop)

@@ -23,8 +23,8 @@ mod cdp;
 mod common;
 
 use call_page::{
-    fail, js, stats_entry, step, tile_selector, wait_for_moving_video, InTheRoom, Person, Result,
-    FRAMES_THAT_PROVE_MOTION, WAIT,
+    fail, js, stats_entry, step, tile_selector, wait_for_moving_video, wait_for_no_tile, InTheRoom,
+    Person, Result, FRAMES_THAT_PROVE_MOTION, WAIT,
 };
 use cdp::Browser;
 use common::start_server;
@@ -120,6 +120,11 @@ async fn simulcast_call(browser: &Browser, server: &Server) -> Result<()> {
     let layers = step(
         "Ada's camera goes out as three layers, announced as simulcast",
         three_layers_announced(&ada, &bob),
+    )
+    .await?;
+    step(
+        "Ada's camera keeps decoding through her screen share and its end",
+        camera_survives_a_screen_share(&ada, &[&bob, &cy]),
     )
     .await?;
     step(
@@ -395,4 +400,43 @@ async fn grid_tiles_follow_their_size(
         );
     }
     Ok(())
+}
+
+/// `sharer` starts a screen share and then stops it. Each renegotiates their publisher
+/// connection, after which webrtc-rs knows the camera's layers only by their rid header
+/// extension again; the camera must keep decoding on every viewer's page through both, checked
+/// once the renegotiation is visible there (the share's tile has appeared, then gone).
+async fn camera_survives_a_screen_share(sharer: &Person, viewers: &[&Person]) -> Result<()> {
+    sharer.page.click("#share-screen").await?;
+    sharer
+        .page
+        .wait_for(
+            "sfuTest.state().publishing.screen",
+            WAIT,
+            "the screen share to start",
+        )
+        .await?;
+    for viewer in viewers {
+        wait_for_moving_video(viewer, sharer, "screen").await?;
+        keeps_decoding(viewer, sharer, "after the share started").await?;
+    }
+    sharer.page.click("#share-screen").await?;
+    for viewer in viewers {
+        wait_for_no_tile(viewer, sharer, "screen").await?;
+        keeps_decoding(viewer, sharer, "after the share stopped").await?;
+    }
+    Ok(())
+}
+
+/// `sender`'s camera decodes more frames on `viewer`'s page from now on; a failure says when.
+async fn keeps_decoding(viewer: &Person, sender: &Person, when: &str) -> Result<()> {
+    match wait_for_moving_video(viewer, sender, "camera").await {
+        Ok(_) => Ok(()),
+        Err(e) => fail(format!(
+            "{}'s camera froze on {}'s page {when}: {e}\n{}",
+            sender.name(),
+            viewer.name(),
+            publisher_report(sender).await
+        )),
+    }
 }
