@@ -1,5 +1,6 @@
 //! The call page in real headless Chromium against the real server, checked the way people
-//! use it: three people open the room's link and each sees the other two's live video; chat
+//! use it: three people open the room's link and each sees the other two's live video (cameras
+//! go out as simulcast layers by default, as one layer from a `?simulcast=0` link); chat
 //! reaches everyone; muting shows on the others' tiles and video comes back on unmute; a screen
 //! share appears as its own tile (also for someone who joins while it runs); leaving removes
 //! the leaver's tile and rejoining from the form brings it back; a headless client from
@@ -19,7 +20,8 @@ mod cdp;
 mod common;
 
 use call_page::{
-    fail, js, step, tile_selector, wait_for_moving_video, InTheRoom, Person, Result, WAIT,
+    fail, js, step, tile_selector, wait_for_moving_video, wait_for_no_tile, InTheRoom, Person,
+    Result, WAIT,
 };
 use cdp::{Browser, CdpError};
 use clap::Parser;
@@ -58,20 +60,6 @@ async fn wait_for_tile_attribute(
             ),
             WAIT,
             &format!("{}'s tile to show {attribute}={value}", sender.name()),
-        )
-        .await
-        .map(drop)
-}
-
-/// Waits until `viewer`'s page has no tile of `kind` for `sender`.
-async fn wait_for_no_tile(viewer: &Person, sender: &impl InTheRoom, kind: &str) -> Result<()> {
-    let selector = js(&tile_selector(sender, kind));
-    viewer
-        .page
-        .wait_for(
-            &format!("document.querySelector({selector}) === null"),
-            WAIT,
-            &format!("{}'s {kind} tile to disappear", sender.name()),
         )
         .await
         .map(drop)
@@ -138,13 +126,20 @@ async fn call_in_three_windows(browser: &Browser, server: Server) -> Result<()> 
     let (mut ada, mut bob, mut cy) = step("three people join through the link", async {
         let ada = Person::join(browser, &base, ROOM, "Ada").await?;
         let bob = Person::join(browser, &base, ROOM, "Bob").await?;
-        let cy = Person::join(browser, &base, ROOM, "Cy").await?;
+        // Cy's link opts out of simulcast; the others' plain links send it by default.
+        let cy_link = format!("{base}/?room={ROOM}&name=Cy&simulcast=0");
+        let cy = Person::join_at(browser, "Cy", &cy_link).await?;
         Ok((ada, bob, cy))
     })
     .await?;
     step(
         "everyone sees the others' moving video",
         everyone_sees_everyone(&[&ada, &bob, &cy]),
+    )
+    .await?;
+    step(
+        "cameras go out as simulcast unless the link says simulcast=0",
+        simulcast_unless_opted_out(&ada, &bob, &cy),
     )
     .await?;
     step(
@@ -212,6 +207,50 @@ async fn everyone_sees_everyone(everyone: &[&Person]) -> Result<()> {
                 &format!("the top bar to say {people}"),
             )
             .await?;
+    }
+    Ok(())
+}
+
+/// `default` (plain link) sends its camera as several rid-named layers and is announced to
+/// `viewer` as simulcast; `opted_out` (`?simulcast=0`) sends one encoding, announced as not.
+async fn simulcast_unless_opted_out(
+    viewer: &Person,
+    default: &Person,
+    opted_out: &Person,
+) -> Result<()> {
+    for (sender, simulcast) in [(default, true), (opted_out, false)] {
+        let encodings = sender
+            .page
+            .wait_for(
+                "sfuTest.sendStats().then(s => { \
+                   const camera = s.video.filter(e => e.framesEncoded > 0); \
+                   return camera.length > 0 ? camera.map(e => e.rid) : null; })",
+                WAIT,
+                &format!("{}'s camera to be encoded", sender.name()),
+            )
+            .await?;
+        let rids = encodings.as_array().cloned().unwrap_or_default();
+        let layered = rids.len() > 1 && rids.iter().all(|rid| rid.is_string());
+        if layered != simulcast {
+            return fail(format!(
+                "{} encodes its camera with rids {encodings}, expected simulcast: {simulcast}",
+                sender.name()
+            ));
+        }
+        let announced = viewer
+            .page
+            .eval(&format!(
+                "sfuTest.state().tracks[{id}]?.find(t => t.role === 'camera')?.simulcast ?? null",
+                id = js(sender.id())
+            ))
+            .await?;
+        if announced != simulcast {
+            return fail(format!(
+                "{} was told {}'s camera has simulcast {announced}, expected {simulcast}",
+                viewer.name(),
+                sender.name()
+            ));
+        }
     }
     Ok(())
 }

@@ -14,12 +14,13 @@ use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use rtc::sansio::Protocol;
 use rtc::shared::marshal::MarshalSize;
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -281,6 +282,7 @@ fn interceptors(
         Slot::from(3_500),
         SfuTap {
             metrics: metrics.clone(),
+            unreported: (role == PeerRole::Publisher).then(UnreportedLayers::default),
             read_queue: VecDeque::new(),
             write_queue: VecDeque::new(),
         },
@@ -323,13 +325,93 @@ fn interceptors(
 }
 
 /// An interceptor between the pacer and the NACK responder: it counts RTP in and out (so
-/// retransmissions count as forwarded, as the metrics contract says), and it marks keyframe
+/// retransmissions count as forwarded, as the metrics contract says), it marks keyframe
 /// requests and REMB for delivery to the application, which webrtc-rs otherwise keeps to
-/// itself.
+/// itself, and on a publisher connection it keeps simulcast layers out of receiver reports
+/// (it sits wire-ward of the report generator, so it sees every report on its way out).
 struct SfuTap {
     metrics: Metrics,
+    /// Publisher connections only: see `UnreportedLayers`.
+    unreported: Option<UnreportedLayers>,
     read_queue: VecDeque<TaggedPacket>,
     write_queue: VecDeque<TaggedPacket>,
+}
+
+/// Keeps a publisher's simulcast layers naming themselves, so that a renegotiation does not
+/// freeze them.
+///
+/// webrtc-rs 0.21.1 knows which layer an SSRC carries only from the mid and rid header
+/// extensions on its packets, and forgets what it learned whenever the publisher renegotiates
+/// (a screen share starting or stopping): every receiver is rebuilt from the new offer with
+/// its layers' SSRCs unknown. libwebrtc, for its part, puts those extensions on a stream's
+/// packets only until it receives an RTCP report block about that SSRC
+/// (`RTPSender::OnReceivedAckOnSsrc`). Reported on, a layer's packets carry no rid by the
+/// time of the renegotiation and webrtc-rs drops them all. So the SFU never reports on an SSRC
+/// that it has seen carrying a rid: the browser keeps sending the extensions (about 4 bytes a
+/// packet) and webrtc-rs learns each layer again from its first packet after a renegotiation.
+/// What the browser goes without is the receiver's view of those layers (loss, jitter and
+/// round-trip time in its `remote-inbound-rtp` stats); its bandwidth estimate runs on
+/// transport-wide feedback, which is unaffected.
+#[derive(Debug, Default)]
+struct UnreportedLayers {
+    /// The rid extension's id on each bound remote stream that negotiated it.
+    rid_extension: HashMap<u32, u8>,
+    /// SSRCs seen carrying a rid: no report block names them.
+    layers: HashSet<u32>,
+}
+
+/// The RTP header extension that names a simulcast layer (RFC 8852).
+const RID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
+
+impl UnreportedLayers {
+    /// webrtc-rs bound a stream; it does so before the chain sees the stream's first packet.
+    fn bind(&mut self, info: &StreamInfo) {
+        let rid = info.rtp_header_extensions.iter().find(|e| e.uri == RID_URI);
+        if let Some(id) = rid.and_then(|e| u8::try_from(e.id).ok()) {
+            self.rid_extension.insert(info.ssrc, id);
+        }
+    }
+
+    fn unbind(&mut self, info: &StreamInfo) {
+        self.rid_extension.remove(&info.ssrc);
+        self.layers.remove(&info.ssrc);
+    }
+
+    /// An incoming packet: a rid on it makes its SSRC a layer.
+    fn observe(&mut self, header: &rtc::rtp::header::Header) {
+        if self.layers.contains(&header.ssrc) {
+            return;
+        }
+        let Some(&id) = self.rid_extension.get(&header.ssrc) else {
+            return;
+        };
+        if header.get_extension(id).is_some_and(|rid| !rid.is_empty()) {
+            self.layers.insert(header.ssrc);
+        }
+    }
+
+    /// `packets` without report blocks about a layer; a receiver report left with none goes.
+    /// A compound packet left empty is an attribute carrier that webrtc-rs drops unsent (as it
+    /// does those it was given empty, which pass through unchanged).
+    fn strip(&self, packets: Vec<Box<dyn rtc::rtcp::Packet>>) -> Vec<Box<dyn rtc::rtcp::Packet>> {
+        if self.layers.is_empty() {
+            return packets;
+        }
+        packets
+            .into_iter()
+            .filter_map(|packet| {
+                let Some(report) = packet.as_any().downcast_ref::<ReceiverReport>() else {
+                    return Some(packet);
+                };
+                if !report.reports.iter().any(|r| self.layers.contains(&r.ssrc)) {
+                    return Some(packet);
+                }
+                let mut report = report.clone();
+                report.reports.retain(|r| !self.layers.contains(&r.ssrc));
+                (!report.reports.is_empty()).then(|| Box::new(report) as Box<dyn rtc::rtcp::Packet>)
+            })
+            .collect()
+    }
 }
 
 /// RTCP the application acts on: keyframe requests, and subscribers' bandwidth estimates.
@@ -354,6 +436,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SfuTap {
                 self.metrics
                     .received_bytes
                     .inc_by((rtp.header.marshal_size() + rtp.payload.len()) as u64);
+                if let Some(unreported) = &mut self.unreported {
+                    unreported.observe(&rtp.header);
+                }
             }
             Packet::Rtcp(packets) if packets.iter().any(|p| is_for_application(p.as_ref())) => {
                 msg.message.add(Attribute::DeliverToApplication);
@@ -368,12 +453,20 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SfuTap {
         self.read_queue.pop_front()
     }
 
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtp(rtp) = &msg.message.packet {
-            self.metrics.forwarded_packets.inc();
-            self.metrics
-                .forwarded_bytes
-                .inc_by((rtp.header.marshal_size() + rtp.payload.len()) as u64);
+    fn handle_write(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        match &mut msg.message.packet {
+            Packet::Rtp(rtp) => {
+                self.metrics.forwarded_packets.inc();
+                self.metrics
+                    .forwarded_bytes
+                    .inc_by((rtp.header.marshal_size() + rtp.payload.len()) as u64);
+            }
+            Packet::Rtcp(packets) => {
+                if let Some(unreported) = &self.unreported {
+                    *packets = unreported.strip(std::mem::take(packets));
+                }
+            }
+            _ => {}
         }
         self.write_queue.push_back(msg);
         Ok(())
@@ -387,8 +480,16 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SfuTap {
 impl Interceptor for SfuTap {
     fn bind_local_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, info: &StreamInfo) {
+        if let Some(unreported) = &mut self.unreported {
+            unreported.bind(info);
+        }
+    }
+    fn unbind_remote_stream(&mut self, info: &StreamInfo) {
+        if let Some(unreported) = &mut self.unreported {
+            unreported.unbind(info);
+        }
+    }
 }
 
 /// The media port range; each peer connection leases one port for all its addresses.
@@ -438,6 +539,126 @@ impl Drop for PortLease {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use rtc::interceptor::RTPHeaderExtension;
+    use rtc::rtcp::reception_report::ReceptionReport;
+    use rtc::rtp::header::{Extension, Header};
+
+    const RID_ID: u8 = 10;
+
+    /// A remote video stream as webrtc-rs binds it: with the rid extension negotiated.
+    fn video_stream(ssrc: u32) -> StreamInfo {
+        StreamInfo {
+            ssrc,
+            rtp_header_extensions: vec![
+                RTPHeaderExtension {
+                    uri: "urn:ietf:params:rtp-hdrext:sdes:mid".to_owned(),
+                    id: 9,
+                },
+                RTPHeaderExtension {
+                    uri: RID_URI.to_owned(),
+                    id: u16::from(RID_ID),
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn packet(ssrc: u32, rid: Option<&'static str>) -> Header {
+        let extensions: Vec<Extension> = rid
+            .map(|rid| Extension {
+                id: RID_ID,
+                payload: Bytes::from_static(rid.as_bytes()),
+            })
+            .into_iter()
+            .collect();
+        Header {
+            version: 2,
+            ssrc,
+            extension: !extensions.is_empty(),
+            extension_profile: if extensions.is_empty() { 0 } else { 0xBEDE },
+            extensions,
+            ..Default::default()
+        }
+    }
+
+    /// One receiver report naming `ssrcs`, as the report interceptor would send it.
+    fn report(ssrcs: &[u32]) -> Vec<Box<dyn rtc::rtcp::Packet>> {
+        vec![Box::new(ReceiverReport {
+            ssrc: 1,
+            reports: ssrcs
+                .iter()
+                .map(|&ssrc| ReceptionReport {
+                    ssrc,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })]
+    }
+
+    fn reported_ssrcs(packets: &[Box<dyn rtc::rtcp::Packet>]) -> Vec<u32> {
+        packets
+            .iter()
+            .flat_map(|p| p.as_any().downcast_ref::<ReceiverReport>())
+            .flat_map(|rr| rr.reports.iter().map(|r| r.ssrc))
+            .collect()
+    }
+
+    #[test]
+    fn simulcast_layers_are_never_reported_other_streams_are() {
+        let mut unreported = UnreportedLayers::default();
+        for ssrc in [100, 200, 300] {
+            unreported.bind(&video_stream(ssrc));
+        }
+        unreported.observe(&packet(100, Some("q")));
+        unreported.observe(&packet(200, Some("f")));
+        // A plain stream: the extension is negotiated but its packets carry no rid.
+        unreported.observe(&packet(300, None));
+
+        assert!(reported_ssrcs(&unreported.strip(report(&[100]))).is_empty());
+        assert_eq!(
+            reported_ssrcs(&unreported.strip(report(&[100, 300, 200]))),
+            vec![300]
+        );
+        assert_eq!(reported_ssrcs(&unreported.strip(report(&[300]))), vec![300]);
+    }
+
+    #[test]
+    fn a_layer_stays_unreported_once_its_packets_stop_naming_it() {
+        let mut unreported = UnreportedLayers::default();
+        unreported.bind(&video_stream(100));
+        unreported.observe(&packet(100, Some("h")));
+        unreported.observe(&packet(100, None));
+        assert!(unreported.strip(report(&[100])).is_empty());
+    }
+
+    #[test]
+    fn other_rtcp_and_attribute_carriers_pass_unchanged() {
+        let mut unreported = UnreportedLayers::default();
+        unreported.bind(&video_stream(100));
+        unreported.observe(&packet(100, Some("q")));
+        let pli: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(PictureLossIndication {
+            sender_ssrc: 1,
+            media_ssrc: 100,
+        })];
+        let kept = unreported.strip(pli);
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0].as_any().is::<PictureLossIndication>());
+        assert!(unreported.strip(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn a_rid_on_an_unbound_or_unbound_again_stream_is_not_remembered() {
+        let mut unreported = UnreportedLayers::default();
+        unreported.observe(&packet(100, Some("q")));
+        assert_eq!(reported_ssrcs(&unreported.strip(report(&[100]))), vec![100]);
+
+        unreported.bind(&video_stream(100));
+        unreported.observe(&packet(100, Some("q")));
+        unreported.unbind(&video_stream(100));
+        assert_eq!(reported_ssrcs(&unreported.strip(report(&[100]))), vec![100]);
+    }
 
     #[test]
     fn ports_are_leased_once_and_come_back_on_drop() {

@@ -1,6 +1,6 @@
 // app.js — entry point of the call page. Reads the URL (`?room=R&name=N` joins at once,
-// `?token=…` is passed on, `?simulcast=1`/`0` overrides whether the camera is sent as
-// simulcast layers), shows the join form or the call view, wires the controls to the
+// `?token=…` is passed on, `?simulcast=0` sends the camera as one layer instead of the
+// default simulcast layers), shows the join form or the call view, wires the controls to the
 // Call (call.js), renders the Call's state through view.js, turns tile sizes and focus into
 // the simulcast quality asked for each received video (quality.js), and exposes the
 // end-to-end test hook `window.sfuTest`.

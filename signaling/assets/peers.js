@@ -9,13 +9,13 @@
 const ANSWER_TIMEOUT_MS = 15_000;
 
 /**
- * Whether the camera goes out as simulcast layers unless the page URL says `?simulcast=1` or
- * `?simulcast=0`. Off until the server handles two things it does not yet (README, "What
- * adapts, and how"): a publisher renegotiation (starting a screen share) makes webrtc-rs forget
- * the layers' SSRCs, so the camera freezes for everyone; and its REMB-based budget never lets
- * a subscriber climb back above the layer it receives, so tiles stay at the smallest layer.
+ * Whether the camera goes out as simulcast layers unless the page URL says `?simulcast=0` (or
+ * `?simulcast=1`). On: each viewer then gets the layer its tile needs (README, "What adapts,
+ * and how"). A renegotiation of ours (starting or stopping a screen share) used to freeze a
+ * simulcast camera for everyone; the server now keeps the browser naming its layers (it never
+ * acknowledges them in receiver reports), so it recognises them again afterwards.
  */
-export const SIMULCAST_BY_DEFAULT = false;
+export const SIMULCAST_BY_DEFAULT = true;
 
 /**
  * The camera's simulcast layers, smallest first: a quarter, half and full size of the

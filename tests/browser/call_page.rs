@@ -134,3 +134,17 @@ pub async fn wait_for_moving_video(
         .await?;
     Ok(later)
 }
+
+/// Waits until `viewer`'s page has no tile of `kind` for `sender`.
+pub async fn wait_for_no_tile(viewer: &Person, sender: &impl InTheRoom, kind: &str) -> Result<()> {
+    let selector = js(&tile_selector(sender, kind));
+    viewer
+        .page
+        .wait_for(
+            &format!("document.querySelector({selector}) === null"),
+            WAIT,
+            &format!("{}'s {kind} tile to disappear", sender.name()),
+        )
+        .await
+        .map(drop)
+}
