@@ -38,9 +38,8 @@ const CHROMIUM_FLAGS: &[&str] = &["--window-size=1280,800"];
 /// that the video must keep decoding. Both within this long, or the switch counts as a freeze.
 const SWITCH_WAIT: Duration = Duration::from_secs(5);
 /// A step up to a larger layer may also wait for the publisher's encoder to resume it (Chromium
-/// pauses layers its uplink estimate cannot carry, as during a screen share) and for the
-/// server's bandwidth hold after a congestion signal to pass.
-const UPGRADE_WAIT: Duration = Duration::from_secs(45);
+/// pauses layers its uplink estimate cannot carry, as during a screen share).
+const UPGRADE_WAIT: Duration = Duration::from_secs(30);
 
 /// Where the test saves what a page with an enlarged tile looks like.
 fn screenshot_path() -> PathBuf {
@@ -57,7 +56,11 @@ async fn simulcast_layers_follow_what_each_tile_needs() {
     let Some(chromium) = cdp::chromium_or_skip() else {
         return;
     };
-    let server = start_server(&[]).await;
+    // Layers here follow tile sizes alone. Three Chromiums encoding and decoding simulcast
+    // saturate 2 cores, and Chromium's receive-side estimate (REMB) reads the CPU's delays as
+    // congestion, which with adaptation on keeps every tile on its smallest layer for tens of
+    // seconds (README, "What adapts, and how"). The REMB governor has its own unit tests.
+    let server = start_server(&["--bandwidth-adaptation", "false"]).await;
     let browser = Browser::launch(&chromium, CHROMIUM_FLAGS)
         .await
         .unwrap_or_else(|e| panic!("Chromium did not start: {e}"));
@@ -326,20 +329,13 @@ async fn tile_width(viewer: &Person, sender: &Person) -> Result<f64> {
 /// decodes exactly the smallest layer. Clicking the other tile moves the focus: the newly
 /// enlarged tile asks for `high` and the other drops to exactly the smallest layer; a second
 /// click on it restores the grid.
-///
-/// The larger picture is required of the first focus only. Stepping up to the largest layer
-/// sends the viewer a burst (its keyframe) and doubles what it receives; on a loaded 2-core
-/// machine Chromium's bandwidth estimate (REMB) then falls below what the server sends for tens
-/// of seconds, which the server reads as congestion and answers with the smallest layers (see
-/// the README, "What adapts, and how"). After the move the new tile must decode, at whatever
-/// layer the estimate allows up to `high`.
 async fn focus_follows_clicks(
     viewer: &Person,
     first: &Person,
     second: &Person,
     layers: LayerWidths,
 ) -> Result<()> {
-    for (focused, other, must_be_larger) in [(first, second, true), (second, first, false)] {
+    for (focused, other) in [(first, second), (second, first)] {
         let started = Instant::now();
         viewer.page.click(&tile_selector(focused, "camera")).await?;
         let selector = js(&tile_selector(focused, "camera"));
@@ -360,11 +356,7 @@ async fn focus_follows_clicks(
                 "the enlarged tile is {big} pixels wide and the strip's {small}: not enlarged"
             ));
         }
-        let min_width = if must_be_larger {
-            layers.medium
-        } else {
-            layers.low
-        };
+        let min_width = layers.medium;
         let (high, high_took) = decodes_within(
             viewer,
             focused,
@@ -383,7 +375,7 @@ async fn focus_follows_clicks(
             focused.name(),
             other.name()
         );
-        if must_be_larger && high <= low {
+        if high <= low {
             return fail(format!(
                 "the enlarged tile decodes {high} pixels wide, the strip's {low}: not larger"
             ));

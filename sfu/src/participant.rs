@@ -844,6 +844,9 @@ impl ParticipantTask {
     /// while congested, the estimate split among its video tracks (audio is small and always
     /// forwarded), so each simulcast track picks the best layer that fits its share.
     fn share_bandwidth(&mut self, bps: u64) {
+        if !self.factory.bandwidth_adaptation() {
+            return;
+        }
         let sent = self.sent_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let budget = self
             .downlink

@@ -30,13 +30,16 @@ use webrtc::peer_connection::{PeerConnection, PeerConnectionBuilder, PeerConnect
 /// detection) see who is talking.
 pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 
-/// Where the media plane binds and what it advertises.
+/// Where the media plane binds, what it advertises, and how it adapts media.
 #[derive(Debug, Clone)]
 pub struct MediaConfig {
     /// Addresses bound for media and advertised as host candidates.
     pub ice_ips: Vec<IpAddr>,
     /// Inclusive UDP port range for media; `None` lets the OS pick.
     pub udp_ports: Option<(u16, u16)>,
+    /// Whether subscribers' bandwidth estimates (REMB) cap the simulcast layers they get.
+    /// Off, layers follow only what each subscriber asks for (`set_quality`).
+    pub bandwidth_adaptation: bool,
 }
 
 /// Errors building a peer connection.
@@ -90,6 +93,11 @@ impl PeerFactory {
     /// The addresses advertised to clients.
     pub fn ice_ips(&self) -> &[IpAddr] {
         &self.config.ice_ips
+    }
+
+    /// Whether subscribers' bandwidth estimates cap their simulcast layers.
+    pub fn bandwidth_adaptation(&self) -> bool {
+        self.config.bandwidth_adaptation
     }
 
     /// Builds a connection bound to the configured addresses, on a port from the pool.

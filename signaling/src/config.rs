@@ -125,6 +125,16 @@ pub struct ServerConfig {
     #[arg(long, env = "SFU_ICE_CONNECT_TIMEOUT_SECS", default_value_t = 30)]
     pub ice_connect_timeout_secs: u64,
 
+    /// Whether each subscriber's bandwidth estimate (REMB) caps the simulcast layers it gets
+    /// (`false`: layers follow only the quality each subscriber asks for).
+    #[arg(
+        long,
+        env = "SFU_BANDWIDTH_ADAPTATION",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub bandwidth_adaptation: bool,
+
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "SFU_LOG", default_value = "info,webrtc=warn,rtc=warn")]
     pub log: String,

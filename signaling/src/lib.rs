@@ -72,6 +72,7 @@ impl AppState {
                 media: MediaConfig {
                     ice_ips: config.resolved_ice_ips(),
                     udp_ports: config.udp_ports,
+                    bandwidth_adaptation: config.bandwidth_adaptation,
                 },
                 limits: RoomLimits {
                     max_participants: config.max_participants_per_room,
