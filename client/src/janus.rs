@@ -72,7 +72,8 @@ pub struct JanusState {
     pub participant_id: String,
     /// The room.
     pub room: String,
-    /// Our published tracks as Janus accepted them: (kind, mid).
+    /// Our published tracks as Janus accepted them: (kind, id others receive it under,
+    /// see [`track_id`]).
     pub own_tracks: Vec<(TrackKind, String)>,
     /// Other publishers Janus announced: id → number of streams.
     pub feeds: BTreeMap<String, usize>,
@@ -413,8 +414,16 @@ fn id_string(value: &Value) -> String {
     }
 }
 
-/// Labels each m-section of a Janus subscriber offer with the publisher and publisher mid it
-/// carries (`a=msid:<feed_id> <feed_mid>`), from the `streams` list that came with the offer.
+/// The id a published track is received under: its publisher's id and its mid in the
+/// publisher's connection. Janus's own track ids (the mid) repeat across publishers, and
+/// webrtc-rs tells remote tracks apart by track id, so the publisher is part of it.
+pub fn track_id(publisher: &str, mid: &str) -> String {
+    format!("{publisher}-{mid}")
+}
+
+/// Labels each m-section of a Janus subscriber offer with the publisher and track it carries
+/// (`a=msid:<feed_id> <feed_id>-<feed_mid>`, see [`track_id`]), from the `streams` list that
+/// came with the offer.
 /// Sections without a listed feed, or without an `a=msid` line (inactive ones), are unchanged.
 pub fn label_subscriber_offer(sdp: &str, streams: &Value) -> String {
     let feeds: BTreeMap<String, (String, String)> = streams
@@ -451,7 +460,7 @@ pub fn label_subscriber_offer(sdp: &str, streams: &Value) -> String {
         if let Some((feed, feed_mid)) = label {
             for line in section.iter_mut() {
                 if line.starts_with("a=msid:") {
-                    *line = format!("a=msid:{feed} {feed_mid}");
+                    *line = format!("a=msid:{feed} {}", track_id(feed, feed_mid));
                 }
             }
         }
@@ -905,6 +914,7 @@ impl Driver {
             self.local_error(format!("publisher JSEP of type {}", jsep["type"]));
             return;
         }
+        let me = self.inner.state.borrow().participant_id.clone();
         let own: Vec<(TrackKind, String)> = data["streams"]
             .as_array()
             .map(|streams| {
@@ -916,7 +926,7 @@ impl Driver {
                             "video" => TrackKind::Video,
                             _ => return None,
                         };
-                        Some((kind, s["mid"].as_str()?.to_owned()))
+                        Some((kind, track_id(&me, s["mid"].as_str()?)))
                     })
                     .collect()
             })
@@ -1083,15 +1093,15 @@ mod tests {
             { "mindex": 2, "mid": "2", "type": "video", "feed_id": "bob", "feed_mid": "1" },
         ]);
         let labelled = label_subscriber_offer(OFFER, &streams);
-        assert!(labelled.contains("a=mid:0\r\na=sendonly\r\na=msid:alice 0\r\n"));
-        assert!(labelled.contains("a=mid:1\r\na=sendonly\r\na=msid:alice 1\r\n"));
+        assert!(labelled.contains("a=mid:0\r\na=sendonly\r\na=msid:alice alice-0\r\n"));
+        assert!(labelled.contains("a=mid:1\r\na=sendonly\r\na=msid:alice alice-1\r\n"));
         assert!(!labelled.contains("janus janus"));
         // The inactive section has no msid to rewrite; everything else is untouched.
         assert!(labelled.ends_with("m=video 0 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=inactive\r\n"));
         assert_eq!(labelled.lines().count(), OFFER.lines().count());
         // Numeric feed ids (Janus without string_ids) work too.
         let numeric = json!([{ "mid": "1", "feed_id": 1234, "feed_mid": "1" }]);
-        assert!(label_subscriber_offer(OFFER, &numeric).contains("a=msid:1234 1\r\n"));
+        assert!(label_subscriber_offer(OFFER, &numeric).contains("a=msid:1234 1234-1\r\n"));
         // No streams list: unchanged.
         assert_eq!(label_subscriber_offer(OFFER, &Value::Null), OFFER);
     }
