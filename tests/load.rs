@@ -15,6 +15,7 @@ use signaling::Server;
 /// Every field path docs/load-testing.md documents for the JSON report.
 const DOCUMENTED_FIELDS: &[&str] = &[
     "schema_version",
+    "config.target",
     "config.url",
     "config.rooms",
     "config.publishers_per_room",
@@ -48,6 +49,7 @@ const DOCUMENTED_FIELDS: &[&str] = &[
     "media.packets_expected",
     "media.packets_lost",
     "media.loss_pct",
+    "media.packets_received_hold",
     "media.receive_bitrate_bps.total",
     "media.receive_bitrate_bps.per_peer_mean",
     "media.receive_bitrate_bps.per_peer_min",
@@ -62,9 +64,12 @@ const DOCUMENTED_FIELDS: &[&str] = &[
     "media.latency_ms.p99",
     "media.latency_ms.max",
     "server.metrics_url",
+    "server.pid",
     "server.samples",
     "server.cpu_percent_avg",
     "server.cpu_percent_hold",
+    "server.cpu_seconds_hold",
+    "server.packets_per_cpu_second",
     "server.cpu_percent_peak",
     "server.peak_window_s",
     "server.cpu_counter_step_s",

@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod janus;
 pub mod load;
 pub mod media;
 pub mod media_file;
@@ -43,6 +44,14 @@ pub enum Error {
         /// The contract's code.
         code: ErrorCode,
         /// The server's explanation.
+        message: String,
+    },
+    /// Janus answered a request with an error (`janus.rs`).
+    #[error("janus error {code}: {message}")]
+    Janus {
+        /// Janus's error code (core API codes 4xx, VideoRoom plugin codes 42x).
+        code: i64,
+        /// Janus's explanation.
         message: String,
     },
     /// The signaling socket closed.

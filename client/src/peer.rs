@@ -172,7 +172,8 @@ impl PeerConfig {
         self
     }
 
-    fn video_media(&self) -> VideoMedia {
+    /// What the video sender publishes (a clip, or synthetic VP8 at the configured bitrate).
+    pub(crate) fn video_media(&self) -> VideoMedia {
         match &self.video_clip {
             Some(clip) => VideoMedia::File(Arc::clone(clip)),
             None => VideoMedia::Synthetic(VideoConfig {
@@ -183,7 +184,8 @@ impl PeerConfig {
         }
     }
 
-    fn audio_media(&self) -> AudioMedia {
+    /// What the audio sender publishes (a clip, or synthetic Opus).
+    pub(crate) fn audio_media(&self) -> AudioMedia {
         match &self.audio_clip {
             Some(clip) => AudioMedia::File(Arc::clone(clip)),
             None => AudioMedia::Synthetic(AudioConfig::default()),

@@ -68,11 +68,31 @@ impl SignalClient {
     /// Opens `url` (e.g. `ws://127.0.0.1:8080/ws`).
     pub async fn connect(url: &str) -> Result<SignalClient> {
         let (ws, _response) = tokio_tungstenite::connect_async(url).await?;
+        Ok(SignalClient::from_socket(ws))
+    }
+
+    /// Opens `url` asking for the WebSocket subprotocol `protocol` (Janus wants
+    /// `janus-protocol`); fails if the server does not agree to it.
+    pub async fn connect_with_subprotocol(
+        url: &str,
+        protocol: &'static str,
+    ) -> Result<SignalClient> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::HeaderValue;
+        let mut request = url.into_client_request()?;
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(protocol));
+        let (ws, _response) = tokio_tungstenite::connect_async(request).await?;
+        Ok(SignalClient::from_socket(ws))
+    }
+
+    fn from_socket(ws: Ws) -> SignalClient {
         let (sink, stream) = ws.split();
-        Ok(SignalClient {
+        SignalClient {
             sink: Mutex::new(sink),
             stream: Mutex::new(stream),
-        })
+        }
     }
 
     /// Sends one message as a JSON text frame.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::run::{LoadConfig, LoadMedia};
+use super::target::Target;
 use crate::media_file::{IvfClip, OggOpusClip};
 
 /// Load-tests an SFU: joins rooms of headless publishers and subscribers, holds the load, and
@@ -16,9 +17,14 @@ use crate::media_file::{IvfClip, OggOpusClip};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "sfu-load", version)]
 pub struct Args {
-    /// The server's signaling WebSocket.
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
-    pub url: String,
+    /// The server under test: `ours` (sfu-server) or `janus` (Janus's VideoRoom plugin over
+    /// its WebSocket API, for comparison).
+    #[arg(long, value_enum, default_value_t = Target::Ours)]
+    pub target: Target,
+    /// The server's signaling WebSocket (default: ws://127.0.0.1:8080/ws for ours,
+    /// ws://127.0.0.1:8188 for janus).
+    #[arg(long)]
+    pub url: Option<String>,
     /// Rooms.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub rooms: u32,
@@ -57,8 +63,12 @@ pub struct Args {
     #[arg(long, default_value = "load", value_parser = parse_room_prefix)]
     pub room_prefix: String,
     /// Where to read the server's CPU and memory (default: /metrics of the --url host).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "server_pid")]
     pub metrics_url: Option<String>,
+    /// Read the server's CPU and memory from /proc/PID instead (a server on this machine;
+    /// the way to measure Janus, and to measure both servers alike).
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
     /// How long one join may take before it counts as failed, e.g. `10s`.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub join_timeout: Duration,
@@ -139,11 +149,26 @@ impl Args {
         if self.publishers == 0 {
             return Err("--publishers 0: subscribers would have nothing to receive".into());
         }
-        if !self.url.starts_with("ws://") && !self.url.starts_with("wss://") {
+        let url = self
+            .url
+            .clone()
+            .unwrap_or_else(|| self.target.default_url().to_owned());
+        if !url.starts_with("ws://") && !url.starts_with("wss://") {
             return Err(format!(
-                "--url {:?} must be a ws:// or wss:// URL such as ws://127.0.0.1:8080/ws",
-                self.url
+                "--url {url:?} must be a ws:// or wss:// URL such as {}",
+                self.target.default_url()
             ));
+        }
+        if self.target == Target::Janus && self.auth_secret.is_some() {
+            return Err(
+                "--auth-secret is for our server's join tokens; --target janus does not use it"
+                    .into(),
+            );
+        }
+        if self.target == Target::Janus && self.metrics_url.is_some() {
+            return Err(
+                "--metrics-url: Janus has no /metrics of this kind; use --server-pid".into(),
+            );
         }
         let media = if self.media == "synthetic" {
             if let Some(audio) = &self.audio_file {
@@ -165,7 +190,8 @@ impl Args {
             LoadMedia::Files { video, audio }
         };
         Ok(LoadConfig {
-            url: self.url.clone(),
+            target: self.target,
+            url,
             rooms: self.rooms as usize,
             publishers: self.publishers as usize,
             subscribers: self.subscribers as usize,
@@ -176,6 +202,7 @@ impl Args {
             media,
             room_prefix: self.room_prefix.clone(),
             metrics_url: self.metrics_url.clone(),
+            server_pid: self.server_pid,
             join_timeout: self.join_timeout,
             local_ip: self.local_ip,
             auth_secret: self.auth_secret.clone(),
@@ -216,6 +243,7 @@ mod tests {
         let args = Args::parse_from(["sfu-load"]);
         let config = args.to_config().unwrap();
         assert_eq!(config.url, "ws://127.0.0.1:8080/ws");
+        assert_eq!(config.target, Target::Ours);
         assert_eq!(
             (config.rooms, config.publishers, config.subscribers),
             (1, 2, 2)
@@ -263,5 +291,38 @@ mod tests {
         assert!(Args::try_parse_from(["sfu-load", "--rooms", "0"]).is_err());
         assert!(Args::try_parse_from(["sfu-load", "--join-rate", "0"]).is_err());
         assert!(Args::try_parse_from(["sfu-load", "--room-prefix", "a b"]).is_err());
+    }
+
+    #[test]
+    fn janus_target_flags() {
+        let args = Args::parse_from(["sfu-load", "--target", "janus", "--server-pid", "42"]);
+        let config = args.to_config().unwrap();
+        assert_eq!(config.target, Target::Janus);
+        assert_eq!(config.url, "ws://127.0.0.1:8188");
+        assert_eq!(
+            config.server_probe(),
+            Ok(super::super::server_metrics::ServerProbe::Process(42))
+        );
+        let no_pid = Args::parse_from(["sfu-load", "--target", "janus"])
+            .to_config()
+            .unwrap();
+        assert!(no_pid.server_probe().unwrap_err().contains("--server-pid"));
+        let secret = Args::parse_from([
+            "sfu-load",
+            "--target",
+            "janus",
+            "--auth-secret",
+            "s3cret-s3cret-s3cret",
+        ]);
+        assert!(secret.to_config().unwrap_err().contains("--auth-secret"));
+        assert!(Args::try_parse_from(["sfu-load", "--target", "mediasoup"]).is_err());
+        assert!(Args::try_parse_from([
+            "sfu-load",
+            "--metrics-url",
+            "http://x/metrics",
+            "--server-pid",
+            "1"
+        ])
+        .is_err());
     }
 }

@@ -69,6 +69,8 @@ impl Measurement {
 /// The run's settings, as reported.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConfigSummary {
+    /// The server under test: `ours` or `janus`.
+    pub target: super::Target,
     /// Signaling URL.
     pub url: String,
     /// Rooms.
@@ -150,6 +152,8 @@ pub struct MetricsSample {
 pub struct ServerInput {
     /// The metrics URL (`None`: not scraped).
     pub metrics_url: Option<String>,
+    /// The server's process id, when CPU and memory were read from `/proc/<pid>` instead.
+    pub pid: Option<u32>,
     /// Readings in time order.
     pub samples: Vec<MetricsSample>,
     /// Why readings are missing, if they are.
@@ -212,6 +216,9 @@ pub struct ReportInput<'a> {
     pub ended: Instant,
     /// Whether Ctrl-C cut the run short.
     pub interrupted: bool,
+    /// RTP packets all peers received while the full load was held (from the hold's start to
+    /// `ended`), if it was held.
+    pub packets_received_hold: Option<u64>,
     /// Server readings.
     pub server: ServerInput,
     /// Tester readings.
@@ -337,6 +344,9 @@ pub struct MediaSummary {
     pub packets_lost: u64,
     /// `packets_lost / packets_expected`, percent.
     pub loss_pct: f64,
+    /// RTP packets all peers received while the full load was held (retransmissions and
+    /// duplicates included): what the server forwarded, counted at the receivers.
+    pub packets_received_hold: Option<u64>,
     /// What peers received.
     pub receive_bitrate_bps: BitrateSummary,
     /// What publishers sent.
@@ -347,17 +357,24 @@ pub struct MediaSummary {
     pub latency_ms: Option<Percentiles>,
 }
 
-/// The server's CPU and memory, from its `/metrics`.
+/// The server's CPU and memory, from its `/metrics` or from `/proc/<pid>`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerSummary {
-    /// Where they were read.
+    /// Where they were read (`None` when read from `/proc`).
     pub metrics_url: Option<String>,
+    /// The server's process id, when they were read from `/proc/<pid>`.
+    pub pid: Option<u32>,
     /// Readings taken.
     pub samples: usize,
     /// CPU over the whole run, percent of one core.
     pub cpu_percent_avg: Option<f64>,
     /// CPU while the full load was held, percent of one core.
     pub cpu_percent_hold: Option<f64>,
+    /// CPU seconds the server used while the full load was held.
+    pub cpu_seconds_hold: Option<f64>,
+    /// `media.packets_received_hold / cpu_seconds_hold`: packets forwarded per second of
+    /// server CPU.
+    pub packets_per_cpu_second: Option<f64>,
     /// Highest CPU over any window of at least `peak_window_s`, percent of one core.
     pub cpu_percent_peak: Option<f64>,
     /// The shortest window the peak is taken over, seconds: ten steps of the CPU counter, and
@@ -573,11 +590,14 @@ fn summarize_server(input: &ServerInput, hold_started: Option<Instant>) -> Serve
         (Some(a), Some(b)) => b.at.saturating_duration_since(a.at).as_secs_f64(),
         _ => 0.0,
     };
-    let hold = hold_started.and_then(|h| {
+    let hold_samples = hold_started.and_then(|h| {
         let first = samples.iter().find(|s| s.at >= h)?;
         let last = samples.last()?;
-        (last.at > first.at).then(|| rate(first, last)).flatten()
+        (last.at > first.at).then_some((first, last))
     });
+    let hold = hold_samples.and_then(|(first, last)| rate(first, last));
+    let cpu_seconds_hold =
+        hold_samples.map(|(first, last)| (last.cpu_seconds - first.cpu_seconds).max(0.0));
     // A window as short as one counter step would read 0% or 100%: take the peak over windows
     // of at least ten steps.
     let window = Duration::from_secs_f64((10.0 * step).max(1.0));
@@ -593,9 +613,12 @@ fn summarize_server(input: &ServerInput, hold_started: Option<Instant>) -> Serve
         .max_by(f64::total_cmp);
     ServerSummary {
         metrics_url: input.metrics_url.clone(),
+        pid: input.pid,
         samples: samples.len(),
         cpu_percent_avg: avg,
         cpu_percent_hold: hold,
+        cpu_seconds_hold,
+        packets_per_cpu_second: None,
         cpu_percent_peak: peak,
         peak_window_s: window.as_secs_f64(),
         cpu_counter_step_s: step,
@@ -800,6 +823,7 @@ impl LoadReport {
             packets_expected: packets_expected_total,
             packets_lost: lost_total,
             loss_pct: loss_pct(lost_total, packets_expected_total),
+            packets_received_hold: input.packets_received_hold,
             receive_bitrate_bps: BitrateSummary {
                 // `sum` of no floats is -0.0, which would print as "-0".
                 total: receive_rates.iter().sum::<f64>() + 0.0,
@@ -830,7 +854,12 @@ impl LoadReport {
             }),
         };
 
-        let server = summarize_server(&input.server, input.hold_started);
+        let mut server = summarize_server(&input.server, input.hold_started);
+        server.packets_per_cpu_second = input
+            .packets_received_hold
+            .zip(server.cpu_seconds_hold)
+            .filter(|(_, cpu)| *cpu > 0.0)
+            .map(|(packets, cpu)| packets as f64 / cpu);
         let t = &input.tester;
         let usage = |a: &UsageSample, b: &UsageSample| {
             cpu_percent(
@@ -907,10 +936,16 @@ impl LoadReport {
             (None, true) => " + synthetic Opus".to_owned(),
             (None, false) => String::new(),
         };
-        let _ = writeln!(
+        let _ =
+            writeln!(
             out,
-            "sfu-load report: {}, {} room(s) x ({} publishers + {} subscribers), {media}{audio}",
-            c.url, c.rooms, c.publishers_per_room, c.subscribers_per_room
+            "sfu-load report: {}{}, {} room(s) x ({} publishers + {} subscribers), {media}{audio}",
+            c.url,
+            match c.target {
+                super::Target::Ours => "",
+                super::Target::Janus => " (Janus VideoRoom)",
+            },
+            c.rooms, c.publishers_per_room, c.subscribers_per_room
         );
         let _ = writeln!(
             out,
@@ -1022,6 +1057,15 @@ impl LoadReport {
                 fmt_opt_bytes(s.rss_bytes_end),
                 fmt_opt_bytes(s.rss_bytes_peak)
             );
+            if let (Some(packets), Some(per_cpu)) =
+                (m.packets_received_hold, s.packets_per_cpu_second)
+            {
+                let _ = writeln!(
+                    out,
+                    "  forwarded   {packets} packets received while held = {per_cpu:.0} per server CPU-second{}",
+                    s.pid.map_or(String::new(), |pid| format!(" (CPU from /proc/{pid})"))
+                );
+            }
         } else {
             let _ = writeln!(
                 out,
@@ -1174,7 +1218,7 @@ fn verdict(
         ));
     }
     if server.samples < 2 {
-        warnings.push("server CPU/RSS unknown (no /metrics readings)".to_owned());
+        warnings.push("server CPU/RSS unknown (no /metrics or /proc readings)".to_owned());
     }
     let pass = failures.is_empty();
     let line = if pass {
@@ -1311,6 +1355,7 @@ mod tests {
     fn input<'a>(peers: &'a [PeerRecord], base: Instant, end: Instant) -> ReportInput<'a> {
         ReportInput {
             config: ConfigSummary {
+                target: super::super::Target::Ours,
                 url: "ws://127.0.0.1:1/ws".into(),
                 rooms: 1,
                 publishers_per_room: 2,
@@ -1329,8 +1374,10 @@ mod tests {
             hold_started: Some(base + Duration::from_secs(1)),
             ended: end,
             interrupted: false,
+            packets_received_hold: Some(900),
             server: ServerInput {
                 metrics_url: Some("http://127.0.0.1:1/metrics".into()),
+                pid: None,
                 samples: vec![
                     MetricsSample {
                         at: base,
@@ -1479,6 +1526,14 @@ mod tests {
         );
         assert!((server.cpu_percent_avg_error.unwrap() - 0.1).abs() < 1e-9);
         assert_eq!(server.rss_bytes_peak, Some(3e6));
+        // 900 packets received while held, over the 1.8 CPU-seconds between the readings at
+        // the hold's start and the end.
+        assert!((server.cpu_seconds_hold.unwrap() - 1.8).abs() < 1e-9);
+        assert!((server.packets_per_cpu_second.unwrap() - 500.0).abs() < 1e-6);
+        assert_eq!(report.media.packets_received_hold, Some(900));
+        assert!(report
+            .to_text()
+            .contains("900 packets received while held = 500 per server CPU-second"));
         // Tester: 0.9 s over 9 s held = 10%, over 3 peers.
         assert!((report.tester.cpu_percent_hold.unwrap() - 10.0).abs() < 1e-9);
         assert!((report.tester.cpu_percent_per_peer.unwrap() - 10.0 / 3.0).abs() < 1e-9);
@@ -1592,6 +1647,7 @@ mod tests {
         assert_eq!(cpu_counter_step(&samples), 1.0);
         let input = ServerInput {
             metrics_url: None,
+            pid: None,
             samples,
             error: None,
         };

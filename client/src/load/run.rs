@@ -16,10 +16,13 @@ use super::report::{
     loss_pct, track_loss, ConfigSummary, JoinedPeer, LoadReport, Measurement, MetricsSample,
     PeerOutcome, PeerRecord, ReportInput, Role, ServerInput, TesterInput,
 };
-use super::{server_metrics, usage};
+use super::server_metrics::{self, ServerProbe};
+use super::target::{LoadPeer, Target};
+use super::usage;
+use crate::janus::JanusRoomOptions;
 use crate::media_file::{IvfClip, OggOpusClip};
 use crate::stats::lock;
-use crate::{HeadlessPeer, PeerConfig, TrackKind};
+use crate::PeerConfig;
 
 /// How often live numbers are computed and `/metrics` is read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -45,7 +48,9 @@ pub enum LoadMedia {
 /// One load test.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
-    /// Signaling URL, `ws://HOST:PORT/ws`.
+    /// The server under test.
+    pub target: Target,
+    /// Signaling URL, `ws://HOST:PORT/ws` (Janus: `ws://HOST:PORT`).
     pub url: String,
     /// Rooms.
     pub rooms: usize,
@@ -67,6 +72,9 @@ pub struct LoadConfig {
     pub room_prefix: String,
     /// Where to read server CPU/RSS (`None`: derived from `url`).
     pub metrics_url: Option<String>,
+    /// Read server CPU/RSS from `/proc/<pid>` of this process instead of `/metrics` (a
+    /// server on this machine; the only way for Janus).
+    pub server_pid: Option<u32>,
     /// How long one join may take before it counts as failed.
     pub join_timeout: Duration,
     /// Mint a join token per peer with this secret (for a server started with
@@ -82,6 +90,7 @@ impl LoadConfig {
     /// 500 kbit/s synthetic video, no audio, 10 joins per second.
     pub fn new(url: impl Into<String>) -> Self {
         LoadConfig {
+            target: Target::Ours,
             url: url.into(),
             rooms: 1,
             publishers: 2,
@@ -93,6 +102,7 @@ impl LoadConfig {
             media: LoadMedia::Synthetic,
             room_prefix: "load".to_owned(),
             metrics_url: None,
+            server_pid: None,
             join_timeout: Duration::from_secs(10),
             auth_secret: None,
             local_ip: std::net::Ipv4Addr::LOCALHOST.into(),
@@ -122,6 +132,33 @@ impl LoadConfig {
         self.rooms * (self.publishers + self.subscribers)
     }
 
+    /// Where server CPU and memory are read: `/proc/<server_pid>` if given, else our server's
+    /// `/metrics`; an error says why there is nowhere (Janus has no `/metrics` of this kind).
+    pub fn server_probe(&self) -> Result<ServerProbe, String> {
+        if let Some(pid) = self.server_pid {
+            return Ok(ServerProbe::Process(pid));
+        }
+        match self.target {
+            Target::Ours => self
+                .metrics_url
+                .clone()
+                .or_else(|| server_metrics::metrics_url_for(&self.url))
+                .map(ServerProbe::Metrics)
+                .ok_or_else(|| "no metrics URL".to_owned()),
+            Target::Janus => Err("Janus has no /metrics of this kind: pass --server-pid \
+                                  to read its CPU and memory from /proc"
+                .to_owned()),
+        }
+    }
+
+    /// The Janus room a first peer creates: as many publishers as planned, and a REMB cap
+    /// well above what they send.
+    fn janus_room(&self) -> JanusRoomOptions {
+        JanusRoomOptions {
+            publishers: self.publishers.max(1),
+            bitrate_bps: self.video_bitrate_bps.saturating_mul(2).max(3_000_000),
+        }
+    }
     fn summary(&self) -> ConfigSummary {
         let (media, audio_file) = match &self.media {
             LoadMedia::Synthetic => ("synthetic".to_owned(), None),
@@ -131,6 +168,7 @@ impl LoadConfig {
             ),
         };
         ConfigSummary {
+            target: self.target,
             url: self.url.clone(),
             rooms: self.rooms,
             publishers_per_room: self.publishers,
@@ -196,7 +234,7 @@ enum SlotState {
     NotStarted,
     Joining,
     Joined {
-        peer: HeadlessPeer,
+        peer: LoadPeer,
         /// Where the join clock starts (see [`JoinedPeer::clock_start`]).
         started: Instant,
     },
@@ -272,6 +310,7 @@ fn peer_config(config: &LoadConfig, room_name: &str, slot: &Slot) -> PeerConfig 
 /// Totals for the live line.
 #[derive(Default)]
 struct Totals {
+    received_packets: u64,
     received_bytes: u64,
     sent_bytes: u64,
     lost: u64,
@@ -287,6 +326,7 @@ fn totals(slots: &[Slot], measurement: Measurement) -> Totals {
             // copying that for every peer every second grows with the square of the room.
             SlotState::Joined { peer, .. } => {
                 peer.for_each_received_track(|_, track| {
+                    t.received_packets += track.packets;
                     t.received_bytes += track.bytes;
                     let (lost, expected) = track_loss(track, measurement);
                     t.lost += lost;
@@ -296,7 +336,7 @@ fn totals(slots: &[Slot], measurement: Measurement) -> Totals {
                     t.sent_bytes += sent.bytes;
                     t.errors += sent.write_errors as usize;
                 }
-                t.errors += peer.with_state(|s| s.errors.len() + s.local_errors.len());
+                t.errors += peer.error_count();
             }
             SlotState::Failed(_) => t.errors += 1,
             _ => {}
@@ -305,9 +345,9 @@ fn totals(slots: &[Slot], measurement: Measurement) -> Totals {
     t
 }
 
-/// Reads `/metrics` every [`SAMPLE_INTERVAL`] until `stop` flips.
+/// Reads the server every [`SAMPLE_INTERVAL`] until `stop` flips.
 async fn sample_server(
-    url: String,
+    probe: ServerProbe,
     samples: Arc<Mutex<Vec<MetricsSample>>>,
     error: Arc<Mutex<Option<String>>>,
     mut stop: watch::Receiver<bool>,
@@ -319,10 +359,10 @@ async fn sample_server(
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
         }
-        match server_metrics::read_sample(&url).await {
+        match probe.read().await {
             Ok(sample) => lock(&samples).push(sample),
             Err(e) => {
-                tracing::debug!("metrics: {e}");
+                tracing::debug!("server readings: {e}");
                 lock(&error).get_or_insert(e);
             }
         }
@@ -345,16 +385,16 @@ pub async fn run_load(
     let mut slots = plan(&config);
     let planned = slots.len();
 
-    let metrics_url = config
-        .metrics_url
-        .clone()
-        .or_else(|| server_metrics::metrics_url_for(&config.url));
+    let (probe, probe_error) = match config.server_probe() {
+        Ok(probe) => (Some(probe), None),
+        Err(e) => (None, Some(e)),
+    };
     let samples: Arc<Mutex<Vec<MetricsSample>>> = Arc::default();
-    let metrics_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let metrics_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(probe_error));
     let (stop_sampler, sampler_stopped) = watch::channel(false);
-    let sampler = metrics_url.clone().map(|url| {
+    let sampler = probe.clone().map(|probe| {
         tokio::spawn(sample_server(
-            url,
+            probe,
             Arc::clone(&samples),
             Arc::clone(&metrics_error),
             sampler_stopped,
@@ -366,9 +406,10 @@ pub async fn run_load(
     let mut tester_hold = None;
     let mut machine_at_hold = None;
     let mut hold_started: Option<Instant> = None;
+    let mut packets_at_hold = 0u64;
     let mut interrupted = false;
 
-    let mut joins: JoinSet<(usize, Instant, crate::Result<HeadlessPeer>)> = JoinSet::new();
+    let mut joins: JoinSet<(usize, Instant, crate::Result<LoadPeer>)> = JoinSet::new();
     let mut next_join = 0usize;
     let pace = Duration::from_secs_f64(1.0 / config.join_rate.max(0.001));
     let mut pacer = tokio::time::interval(pace);
@@ -392,6 +433,14 @@ pub async fn run_load(
             hold_started = Some(Instant::now());
             tester_hold = Some(usage::sample());
             machine_at_hold = usage::machine_cpu();
+            packets_at_hold = totals(&slots, measurement).received_packets;
+            // A reading right at the hold's start, so server CPU while held covers exactly the
+            // window the packets are counted over.
+            if let Some(probe) = &probe {
+                if let Ok(sample) = probe.read().await {
+                    lock(&samples).push(sample);
+                }
+            }
         }
         let deadline = hold_end(hold_started);
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -412,9 +461,10 @@ pub async fn run_load(
                 let slot = &mut slots[index];
                 let pc = peer_config(&config, &room_names[slot.room], slot);
                 slot.state = SlotState::Joining;
+                let (target, room) = (config.target, config.janus_room());
                 joins.spawn(async move {
                     let opened = Instant::now();
-                    (index, opened, HeadlessPeer::join(pc).await)
+                    (index, opened, LoadPeer::join(target, pc, room).await)
                 });
             }
             Some(result) = joins.join_next(), if !joins.is_empty() => {
@@ -452,6 +502,11 @@ pub async fn run_load(
     }
 
     let ended = Instant::now();
+    let packets_received_hold = hold_started.map(|_| {
+        totals(&slots, measurement)
+            .received_packets
+            .saturating_sub(packets_at_hold)
+    });
     let tester_end = usage::sample();
     let machine_at_end = usage::machine_cpu();
     let (_, max_rss_bytes) = usage::self_usage();
@@ -460,8 +515,8 @@ pub async fn run_load(
         let _ = sampler.await;
     }
     // The closing reading, so the server's numbers cover the run to its end.
-    if let Some(url) = &metrics_url {
-        match server_metrics::read_sample(url).await {
+    if let Some(probe) = &probe {
+        match probe.read().await {
             Ok(sample) => lock(&samples).push(sample),
             Err(e) => {
                 lock(&metrics_error).get_or_insert(e);
@@ -488,29 +543,12 @@ pub async fn run_load(
             },
             SlotState::Failed(reason) => PeerOutcome::Failed { reason },
             SlotState::Joined { peer, started } => {
-                let state = peer.state();
-                let clock_start = if state.remote_tracks_at_join > 0 {
-                    started
-                } else {
-                    state
-                        .first_remote_track_at
-                        .map_or(started, |t| t.max(started))
-                };
-                let mut errors: Vec<String> = state
-                    .errors
-                    .iter()
-                    .map(|(code, message)| format!("{}: {message}", code.as_str()))
-                    .collect();
-                errors.extend(state.local_errors.iter().cloned());
                 let joined = JoinedPeer {
-                    participant_id: peer.participant_id().to_owned(),
-                    clock_start,
+                    participant_id: peer.participant_id(),
+                    clock_start: peer.media_clock_start(started),
                     stats: peer.stats(),
-                    own_track_ids: [TrackKind::Video, TrackKind::Audio]
-                        .into_iter()
-                        .filter_map(|k| state.own_track(k).map(|t| t.track_id.clone()))
-                        .collect(),
-                    errors,
+                    own_track_ids: peer.own_track_ids(),
+                    errors: peer.errors(),
                 };
                 leaving.spawn(peer.leave());
                 PeerOutcome::Joined(Box::new(joined))
@@ -525,13 +563,13 @@ pub async fn run_load(
     }
     while leaving.join_next().await.is_some() {}
 
-    let server_samples = std::mem::take(&mut *lock(&samples));
+    let mut server_samples = std::mem::take(&mut *lock(&samples));
+    // The hold's reading and the sampler's may have landed out of order.
+    server_samples.sort_by_key(|s| s.at);
     let server_error = if server_samples.len() >= 2 {
         None
     } else {
-        lock(&metrics_error)
-            .clone()
-            .or_else(|| metrics_url.is_none().then(|| "no metrics URL".to_owned()))
+        lock(&metrics_error).clone()
     };
     LoadReport::build(ReportInput {
         config: config.summary(),
@@ -542,8 +580,16 @@ pub async fn run_load(
         hold_started,
         ended,
         interrupted,
+        packets_received_hold,
         server: ServerInput {
-            metrics_url,
+            metrics_url: match &probe {
+                Some(ServerProbe::Metrics(url)) => Some(url.clone()),
+                _ => None,
+            },
+            pid: match probe {
+                Some(ServerProbe::Process(pid)) => Some(pid),
+                _ => None,
+            },
             samples: server_samples,
             error: server_error,
         },
@@ -560,7 +606,7 @@ pub async fn run_load(
 
 fn settle_join(
     slots: &mut [Slot],
-    result: Result<(usize, Instant, crate::Result<HeadlessPeer>), tokio::task::JoinError>,
+    result: Result<(usize, Instant, crate::Result<LoadPeer>), tokio::task::JoinError>,
 ) {
     match result {
         Ok((index, started, Ok(peer))) => {
