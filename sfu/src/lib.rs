@@ -14,6 +14,7 @@ pub mod simulcast;
 pub mod speakers;
 pub mod transport;
 
+mod media_threads;
 mod participant;
 mod room;
 mod sdp;
@@ -26,6 +27,7 @@ pub use room::{JoinError, MuteError, RoomLimits};
 pub use simulcast::Quality;
 pub use transport::{MediaConfig, PeerRole};
 
+use media_threads::MediaThreads;
 use participant::{ParticipantCommand, ParticipantTask};
 use room::{LocalRooms, RoomCommand, RoomRegistry};
 use std::collections::HashMap;
@@ -46,6 +48,9 @@ pub struct SfuConfig {
     /// Rooms that may exist at once; a join that would open one more is refused with
     /// [`JoinError::TooManyRooms`].
     pub max_rooms: usize,
+    /// Threads media runs on, each carrying whole rooms; `0` runs media on the caller's
+    /// runtime instead.
+    pub media_threads: usize,
 }
 
 /// The media plane: create one per process and share it.
@@ -72,18 +77,25 @@ pub struct Joined {
 }
 
 impl Sfu {
-    /// Creates the media plane.
-    pub fn new(config: SfuConfig, metrics: Metrics) -> Self {
+    /// Creates the media plane, starting its media threads; call it within a tokio runtime.
+    pub fn new(config: SfuConfig, metrics: Metrics) -> std::io::Result<Self> {
         let mint = Arc::new(ids::IdMint::new());
-        Self {
+        let media_threads = Arc::new(MediaThreads::start(config.media_threads)?);
+        Ok(Self {
             inner: Arc::new(SfuInner {
-                rooms: LocalRooms::new(mint, metrics.clone(), config.limits, config.max_rooms),
+                rooms: LocalRooms::new(
+                    mint,
+                    metrics.clone(),
+                    config.limits,
+                    config.max_rooms,
+                    media_threads,
+                ),
                 factory: Arc::new(PeerFactory::new(config.media, metrics.clone())),
                 metrics,
                 timeouts: config.timeouts,
                 participants: Mutex::default(),
             }),
-        }
+        })
     }
 
     /// The media plane's metrics.
@@ -114,6 +126,7 @@ impl Sfu {
                 reply,
             },
         )?;
+        let media_thread = Arc::clone(room_handle.media_thread());
         let reply = joined.await.map_err(|_| JoinError::Closed)??;
         let id = reply.participant_id;
         let task = ParticipantTask::new(
@@ -133,7 +146,8 @@ impl Sfu {
         let (done_tx, done) = oneshot::channel();
         let inner = Arc::clone(&self.inner);
         let task_id = id.clone();
-        tokio::spawn(async move {
+        // On the room's media thread, with everything the participant's connections spawn.
+        media_thread.spawn(async move {
             task.run(commands_rx).await;
             inner
                 .participants

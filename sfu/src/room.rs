@@ -6,6 +6,7 @@
 use crate::events::{EventSink, MediaKind, ParticipantInfo, SfuEvent, TrackInfo};
 use crate::fanout::FanoutHandle;
 use crate::ids::{IdMint, ParticipantId, RoomId, TrackId};
+use crate::media_threads::{MediaThread, MediaThreads, RoomPlacement};
 use crate::metrics::Metrics;
 use crate::participant::ParticipantCommand;
 use crate::speakers::SpeakerDetector;
@@ -125,11 +126,17 @@ pub(crate) enum RoomCommand {
 #[derive(Clone)]
 pub(crate) struct RoomHandle {
     commands: mpsc::UnboundedSender<RoomCommand>,
+    media_thread: Arc<MediaThread>,
 }
 
 impl RoomHandle {
     pub(crate) fn send(&self, command: RoomCommand) -> bool {
         self.commands.send(command).is_ok()
+    }
+
+    /// The thread the room runs on, where its participants' tasks belong too.
+    pub(crate) fn media_thread(&self) -> &Arc<MediaThread> {
+        &self.media_thread
     }
 }
 
@@ -152,6 +159,7 @@ pub(crate) struct LocalRooms {
     limits: RoomLimits,
     /// Rooms that may exist at once: each costs a task and memory before anyone publishes.
     max_rooms: usize,
+    media_threads: Arc<MediaThreads>,
 }
 
 impl LocalRooms {
@@ -160,6 +168,7 @@ impl LocalRooms {
         metrics: Metrics,
         limits: RoomLimits,
         max_rooms: usize,
+        media_threads: Arc<MediaThreads>,
     ) -> Self {
         Self {
             rooms: Arc::default(),
@@ -167,6 +176,7 @@ impl LocalRooms {
             metrics,
             limits,
             max_rooms,
+            media_threads,
         }
     }
 }
@@ -182,6 +192,8 @@ impl RoomRegistry for LocalRooms {
         }
         let handle = rooms.entry(room.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
+            let placement = self.media_threads.place_room();
+            let media_thread = Arc::clone(placement.thread());
             let state = Room {
                 id: room.clone(),
                 members: Vec::new(),
@@ -191,10 +203,14 @@ impl RoomRegistry for LocalRooms {
                 limits: self.limits,
                 registry: Arc::clone(&self.rooms),
                 speakers: SpeakerDetector::default(),
+                _placement: placement,
             };
             self.metrics.rooms.inc();
-            tokio::spawn(state.run(rx));
-            RoomHandle { commands: tx }
+            media_thread.spawn(state.run(rx));
+            RoomHandle {
+                commands: tx,
+                media_thread,
+            }
         });
         handle.send(command);
         Ok(handle.clone())
@@ -231,6 +247,8 @@ struct Room {
     limits: RoomLimits,
     registry: Arc<Mutex<HashMap<RoomId, RoomHandle>>>,
     speakers: SpeakerDetector,
+    /// Counts this room on its media thread until the room ends.
+    _placement: RoomPlacement,
 }
 
 impl Room {

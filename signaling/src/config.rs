@@ -125,6 +125,11 @@ pub struct ServerConfig {
     #[arg(long, env = "SFU_ICE_CONNECT_TIMEOUT_SECS", default_value_t = 30)]
     pub ice_connect_timeout_secs: u64,
 
+    /// Threads media runs on; each room (its connections and forwarding) lives on one of
+    /// them. Default: one per CPU core. `0` runs media on the server's shared runtime.
+    #[arg(long, env = "SFU_MEDIA_THREADS")]
+    pub media_threads: Option<usize>,
+
     /// Whether each subscriber's bandwidth estimate (REMB) caps the simulcast layers it gets
     /// (`false`: layers follow only the quality each subscriber asks for).
     #[arg(
@@ -169,6 +174,15 @@ fn parse_origin(s: &str) -> Result<String, String> {
 }
 
 impl ServerConfig {
+    /// The media threads to start: as configured, else one per CPU core.
+    pub fn media_threads(&self) -> usize {
+        self.media_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(1)
+        })
+    }
+
     /// The media addresses: as configured, else the host's non-loopback IPv4 addresses, else
     /// loopback.
     pub fn resolved_ice_ips(&self) -> Vec<IpAddr> {

@@ -83,9 +83,10 @@ impl AppState {
                     connect: Duration::from_secs(config.ice_connect_timeout_secs),
                 },
                 max_rooms: config.max_rooms,
+                media_threads: config.media_threads(),
             },
             metrics,
-        );
+        )?;
         let ice_servers = ice_servers(&config);
         Ok(Arc::new(Self {
             sfu,
