@@ -219,12 +219,18 @@ async fn simulcast_unless_opted_out(
     opted_out: &Person,
 ) -> Result<()> {
     for (sender, simulcast) in [(default, true), (opted_out, false)] {
+        // Chromium starts a simulcast camera on its smallest layer and adds the others as its
+        // bandwidth estimate grows, so a layered camera is waited for until a second layer
+        // is encoded; a single encoding is judged as soon as it is.
+        let enough = if simulcast { 1 } else { 0 };
         let encodings = sender
             .page
             .wait_for(
-                "sfuTest.sendStats().then(s => { \
-                   const camera = s.video.filter(e => e.framesEncoded > 0); \
-                   return camera.length > 0 ? camera.map(e => e.rid) : null; })",
+                &format!(
+                    "sfuTest.sendStats().then(s => {{ \
+                       const camera = s.video.filter(e => e.framesEncoded > 0); \
+                       return camera.length > {enough} ? camera.map(e => e.rid) : null; }})"
+                ),
                 WAIT,
                 &format!("{}'s camera to be encoded", sender.name()),
             )
