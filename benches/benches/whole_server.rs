@@ -197,7 +197,7 @@ struct Snapshot {
     at: Instant,
     /// From `/proc/<server pid>/stat` (10 ms resolution).
     server_cpu: f64,
-    /// The server's own `process_cpu_seconds_total` (whole seconds), as a cross-check.
+    /// The server's own `process_cpu_seconds_total` (from getrusage), as a cross-check.
     server_cpu_metric: f64,
     forwarded: f64,
     received: f64,
@@ -277,7 +277,7 @@ struct Row {
     published_pps: f64,
     forwarded_pps: f64,
     server_cpu_util: f64,
-    /// The window's server CPU seconds by `process_cpu_seconds_total` (whole seconds).
+    /// The window's server CPU seconds by `process_cpu_seconds_total`.
     server_cpu_metric_seconds: f64,
     forwarded_per_cpu_second: f64,
     client_cpu_util: f64,
