@@ -4,17 +4,13 @@
 
 mod common;
 
-use client::signal::Frame;
 use client::{HeadlessPeer, PeerConfig, SignalClient};
-use common::{metric, next_error, raw_join as join, start_server, wait_metric, ws_url, WAIT};
-use signaling::protocol::{ClientMessage, ErrorCode, PcName, ServerMessage};
+use common::{
+    assert_usable, close_code, connect, metric, next_error, next_offer, publishing_peer,
+    raw_join as join, start_server, wait_metric, ws_url, WAIT,
+};
+use signaling::protocol::{ClientMessage, ErrorCode, ServerMessage};
 use std::time::Duration;
-
-const SHORT: Duration = Duration::from_secs(5);
-
-async fn connect(url: &str) -> SignalClient {
-    SignalClient::connect(url).await.expect("websocket opens")
-}
 
 async fn expect_error(client: &SignalClient, frame: &str, want: ErrorCode) {
     client.send_raw(frame).await.unwrap();
@@ -26,36 +22,10 @@ async fn expect_error(client: &SignalClient, frame: &str, want: ErrorCode) {
     );
 }
 
-/// The socket is still usable: a chat comes back to the sender.
-async fn assert_usable(client: &SignalClient, text: &str) {
-    client
-        .send(&ClientMessage::Chat { text: text.into() })
-        .await
-        .unwrap();
-    loop {
-        match client.recv_timeout(SHORT).await.unwrap() {
-            Some(ServerMessage::Chat { text: got, .. }) if got == text => return,
-            Some(_) => continue,
-            None => panic!("socket closed"),
-        }
-    }
-}
-
-async fn assert_closed(client: &SignalClient) -> Option<u16> {
-    loop {
-        match client.recv_frame_timeout(SHORT).await {
-            Some(Frame::Closed { code, .. }) => return code,
-            Some(_) => continue,
-            None => panic!("socket was not closed"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_out_of_order_messages_get_their_codes_in_contract_order() {
     let server = start_server(&[]).await;
-    let url = ws_url(&server);
-    let client = connect(&url).await;
+    let client = connect(&server).await;
 
     expect_error(&client, "{not json", ErrorCode::BadJson).await;
     expect_error(&client, "[1, 2, 3]", ErrorCode::BadRequest).await;
@@ -150,18 +120,18 @@ async fn malformed_and_out_of_order_messages_get_their_codes_in_contract_order()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_frame_is_too_large_and_closes() {
     let server = start_server(&[]).await;
-    let client = connect(&ws_url(&server)).await;
+    let client = connect(&server).await;
     let huge = format!(r#"{{"type":"chat","text":"{}"}}"#, "x".repeat(300 * 1024));
     client.send_raw(&huge).await.unwrap();
     assert_eq!(next_error(&client).await.0, ErrorCode::TooLarge);
-    assert_eq!(assert_closed(&client).await, Some(1009));
+    assert_eq!(close_code(&client).await, Some(1009));
     server.shutdown(Duration::from_secs(3)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bursts_beyond_the_limit_are_rate_limited_and_the_socket_survives() {
     let server = start_server(&[]).await;
-    let client = connect(&ws_url(&server)).await;
+    let client = connect(&server).await;
     join(&client, "burst", "flood").await;
     for i in 0..150 {
         client
@@ -199,19 +169,18 @@ async fn bursts_beyond_the_limit_are_rate_limited_and_the_socket_survives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_room_is_refused_and_closed() {
     let server = start_server(&["--max-participants-per-room", "1"]).await;
-    let url = ws_url(&server);
-    let first = connect(&url).await;
+    let first = connect(&server).await;
     join(&first, "tiny", "one").await;
-    let second = connect(&url).await;
+    let second = connect(&server).await;
     expect_error(
         &second,
         r#"{"type":"join","room":"tiny","name":"two"}"#,
         ErrorCode::RoomFull,
     )
     .await;
-    assert_eq!(assert_closed(&second).await, Some(1008));
+    assert_eq!(close_code(&second).await, Some(1008));
     // Another room is fine.
-    let third = connect(&url).await;
+    let third = connect(&server).await;
     join(&third, "other", "three").await;
     assert_eq!(metric(&server, "sfu_participants").await, 2.0);
     server.shutdown(Duration::from_secs(3)).await;
@@ -221,22 +190,10 @@ async fn full_room_is_refused_and_closed() {
 async fn bad_subscriber_answer_is_invalid_sdp_then_a_fresh_offer_follows() {
     let server = start_server(&[]).await;
     let url = ws_url(&server);
-    let publisher = HeadlessPeer::join(PeerConfig::new(&url, "answers", "pub"))
-        .await
-        .unwrap();
-    assert!(publisher.wait_publishing(WAIT).await);
-    let client = connect(&url).await;
+    let publisher = publishing_peer(&url, "answers", "pub").await;
+    let client = connect(&server).await;
     join(&client, "answers", "raw").await;
-    let first_offer = loop {
-        match client.recv_timeout(WAIT).await.unwrap() {
-            Some(ServerMessage::Offer {
-                pc: PcName::Subscriber,
-                sdp,
-            }) => break sdp,
-            Some(_) => continue,
-            None => panic!("closed"),
-        }
-    };
+    let first_offer = next_offer(&client, WAIT).await.expect("a subscriber offer");
     assert!(
         first_offer.contains("a=msid:"),
         "forwarded tracks carry msid"
@@ -248,16 +205,9 @@ async fn bad_subscriber_answer_is_invalid_sdp_then_a_fresh_offer_follows() {
         ErrorCode::InvalidSdp,
     )
     .await;
-    let fresh = loop {
-        match client.recv_timeout(WAIT).await.unwrap() {
-            Some(ServerMessage::Offer {
-                pc: PcName::Subscriber,
-                sdp,
-            }) => break sdp,
-            Some(_) => continue,
-            None => panic!("closed"),
-        }
-    };
+    let fresh = next_offer(&client, WAIT)
+        .await
+        .expect("a fresh subscriber offer");
     assert!(fresh.contains("a=msid:"));
     server.shutdown(Duration::from_secs(3)).await;
 }
