@@ -8,7 +8,7 @@ mod common;
 use client::signal::Frame;
 use client::{HeadlessPeer, PeerConfig, SignalClient};
 use common::{
-    assert_usable, close_code, connect, eventually, metric, next_error, next_offer,
+    assert_usable, close_code, connect, eventually, joined_client, metric, next_error, next_offer,
     publishing_peer, raw_join as join, start_server, wait_metric, ws_url, WAIT,
 };
 use signaling::protocol::{ClientMessage, ErrorCode, PcName, ServerMessage, TrackKind};
@@ -280,8 +280,7 @@ fn hostile_offers() -> Vec<(&'static str, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_sdp_is_refused_up_front_as_invalid_sdp() {
     let server = start_server(&[]).await;
-    let client = connect(&server).await;
-    join(&client, "hostile", "mallory").await;
+    let client = joined_client(&server, "hostile", "mallory").await;
     for (what, sdp) in hostile_offers() {
         assert!(sdp.len() < 256 * 1024, "{what} fits in one frame");
         let started = Instant::now();
@@ -505,8 +504,7 @@ async fn mutated_offers_and_answers_never_panic_or_leak() {
 
     // Offers: 4 sessions × 80 mutations (under the burst limit, so every one is processed).
     for session in 0..4 {
-        let client = connect(&server).await;
-        join(&client, "mutants", &format!("offerer{session}")).await;
+        let client = joined_client(&server, "mutants", &format!("offerer{session}")).await;
         for _ in 0..80 {
             let sdp = mutator.mutate(BROWSER_OFFER);
             if sdp.trim().is_empty() {
@@ -541,8 +539,8 @@ async fn mutated_offers_and_answers_never_panic_or_leak() {
     let mut answered = 0;
     let mut newcomer = 0;
     while answered < 50 {
-        let client = connect(&server).await;
-        join(&client, "mutants-answers", &format!("answerer{newcomer}")).await;
+        let client =
+            joined_client(&server, "mutants-answers", &format!("answerer{newcomer}")).await;
         newcomer += 1;
         let mut offer = next_offer(&client, WAIT).await.expect("a subscriber offer");
         loop {
@@ -593,8 +591,7 @@ async fn an_answer_beyond_the_limits_is_invalid_sdp_then_a_fresh_offer_follows()
     let server = start_server(&[]).await;
     let url = ws_url(&server);
     let publisher = publishing_peer(&url, "big-answer", "pub").await;
-    let client = connect(&server).await;
-    join(&client, "big-answer", "raw").await;
+    let client = joined_client(&server, "big-answer", "raw").await;
     let offer = next_offer(&client, WAIT).await.expect("a subscriber offer");
     let offered = offer.lines().filter(|l| l.starts_with("m=")).count();
     let answer = offer.replace("a=setup:actpass", "a=setup:active")
@@ -761,8 +758,7 @@ async fn oversized_binary_and_control_frames() {
 
     // Far beyond what the socket reads at all (4× the limit, at least 1 MiB): still answered
     // with too_large and 1009, or at worst a dropped connection, never a crash.
-    let huge = connect(&server).await;
-    join(&huge, "frames", "huge").await;
+    let huge = joined_client(&server, "frames", "huge").await;
     let text = format!(r#"{{"type":"chat","text":"{}"}}"#, "x".repeat(3 << 20));
     let _ = huge.send_raw(&text).await;
     let closed = loop {
@@ -798,8 +794,7 @@ async fn a_flood_is_bounded_and_the_rest_of_the_room_keeps_its_media() {
 
     // The flooder joins the same room and sends frames as fast as it can without reading:
     // chats, junk, costly-but-acceptable offers, hostile offers, candidates, binary frames.
-    let flooder = Arc::new(connect(&server).await);
-    join(&flooder, "flood", "flooder").await;
+    let flooder = Arc::new(joined_client(&server, "flood", "flooder").await);
     let costly_offer = serde_json::to_string(&ClientMessage::Offer {
         pc: PcName::Publisher,
         sdp: SDP_HEAD.to_owned() + &(0..64).map(audio_section).collect::<String>(),
@@ -923,8 +918,7 @@ async fn a_client_that_never_reads_is_dropped_and_others_are_unaffected() {
     assert!(wait_metric(&server, "sfu_participants", 1.0).await);
     let mut talkers = Vec::new();
     for i in 0..6 {
-        let talker = connect(&server).await;
-        join(&talker, "deaf", &format!("talker{i}")).await;
+        let talker = joined_client(&server, "deaf", &format!("talker{i}")).await;
         talkers.push(talker);
     }
     // Chat until the server gives up on the deaf client: once the kernel's send buffer for
@@ -1040,8 +1034,7 @@ async fn clients_vanishing_at_every_step_of_the_handshake_leave_nothing_behind()
     socket.send_text(&offer).await.unwrap();
     drop(socket);
     // Joins, receives the subscriber offer, and vanishes without answering it.
-    let unanswered = connect(&server).await;
-    join(&unanswered, "vanish", "unanswered").await;
+    let unanswered = joined_client(&server, "vanish", "unanswered").await;
     assert!(
         next_offer(&unanswered, WAIT).await.is_some(),
         "no subscriber offer"
@@ -1073,10 +1066,8 @@ async fn clients_vanishing_at_every_step_of_the_handshake_leave_nothing_behind()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_that_would_open_a_room_beyond_max_rooms_is_room_full() {
     let server = start_server(&["--max-rooms", "2"]).await;
-    let first = connect(&server).await;
-    join(&first, "one", "a").await;
-    let second = connect(&server).await;
-    join(&second, "two", "b").await;
+    let first = joined_client(&server, "one", "a").await;
+    let second = joined_client(&server, "two", "b").await;
     let third = connect(&server).await;
     expect_error(
         &third,
@@ -1087,14 +1078,12 @@ async fn a_join_that_would_open_a_room_beyond_max_rooms_is_room_full() {
     .await;
     assert_eq!(close_code(&third).await, Some(1008));
     // Joining a room that exists is fine at the limit.
-    let fourth = connect(&server).await;
-    join(&fourth, "one", "d").await;
+    let fourth = joined_client(&server, "one", "d").await;
     assert_eq!(metric(&server, "sfu_rooms").await, 2.0);
     // Once a room closes, another may open.
     second.close().await;
     assert!(wait_metric(&server, "sfu_rooms", 1.0).await);
-    let fifth = connect(&server).await;
-    join(&fifth, "three", "e").await;
+    let fifth = joined_client(&server, "three", "e").await;
     for client in [&first, &fourth, &fifth] {
         client.close().await;
     }
@@ -1128,8 +1117,7 @@ async fn connections_beyond_max_connections_get_503_until_one_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickled_candidates_are_bounded_per_connection() {
     let server = start_server(&[]).await;
-    let client = connect(&server).await;
-    join(&client, "trickle", "t").await;
+    let client = joined_client(&server, "trickle", "t").await;
     let candidate = r#"{"type":"candidate","pc":"publisher","candidate":{"candidate":"candidate:1 1 udp 2122260223 127.0.0.1 9 typ host"}}"#;
     for _ in 0..90 {
         client.send_raw(candidate).await.unwrap();
@@ -1158,8 +1146,7 @@ async fn trickled_candidates_are_bounded_per_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extra_publisher_m_sections_beyond_the_track_limit_are_not_published() {
     let server = start_server(&["--max-tracks-per-participant", "2"]).await;
-    let client = connect(&server).await;
-    join(&client, "tracks", "many").await;
+    let client = joined_client(&server, "tracks", "many").await;
     let five_sections = SDP_HEAD.to_owned() + &(0..5).map(audio_section).collect::<String>();
     offer_and_expect_answer(&client, five_sections).await;
     assert!(wait_metric(&server, "sfu_published_tracks", 2.0).await);

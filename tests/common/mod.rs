@@ -110,6 +110,13 @@ pub async fn connect(server: &Server) -> SignalClient {
         .expect("websocket opens")
 }
 
+/// A bare signaling socket to `server` that has joined `room` as `name`.
+pub async fn joined_client(server: &Server, room: &str, name: &str) -> SignalClient {
+    let client = connect(server).await;
+    raw_join(&client, room, name).await;
+    client
+}
+
 /// Joins over a bare signaling socket; returns the participant id.
 pub async fn raw_join(client: &SignalClient, room: &str, name: &str) -> String {
     client
