@@ -8,7 +8,10 @@ mod common;
 use client::media::{VideoConfig, VideoSource};
 use client::rtc_setup::{media_engine_and_registry, negotiated_payload_type, new_local_track};
 use client::{HeadlessPeer, PeerConfig, SignalClient, TrackKind};
-use common::{eventually, next_offer, publishing_peer, raw_join, start_server, ws_url, WAIT};
+use common::{
+    eventually, next_offer, publishing_peer, raw_join, send_publisher_offer, start_server, ws_url,
+    WAIT,
+};
 use rtc::crypto::SignatureScheme;
 use rtc::peer_connection::certificate::RTCCertificate;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
@@ -145,13 +148,7 @@ async fn rsa_publisher_reaches_a_subscriber() {
     let offer = peer.pc.create_offer(None).await.unwrap();
     peer.pc.set_local_description(offer).await.unwrap();
     let sdp = local_sdp(&mut peer).await;
-    client
-        .send(&ClientMessage::Offer {
-            pc: PcName::Publisher,
-            sdp,
-        })
-        .await
-        .unwrap();
+    send_publisher_offer(&client, sdp).await;
     let answer = loop {
         match client.recv_timeout(WAIT).await.unwrap() {
             Some(ServerMessage::Answer { sdp, .. }) => break sdp,

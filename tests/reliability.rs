@@ -9,7 +9,8 @@ use client::signal::Frame;
 use client::{HeadlessPeer, PeerConfig, SignalClient};
 use common::{
     assert_usable, close_code, connect, eventually, joined_client, metric, next_error, next_offer,
-    publishing_peer, raw_join as join, start_server, wait_metric, ws_url, WAIT,
+    publishing_peer, raw_join as join, send_publisher_offer, start_server, wait_metric, ws_url,
+    WAIT,
 };
 use signaling::protocol::{ClientMessage, ErrorCode, PcName, ServerMessage, TrackKind};
 use signaling::Server;
@@ -54,15 +55,18 @@ async fn assert_sessions_drop_to(server: &Server, sessions: usize, timeout: Dura
     assert!(dropped, "{what}");
 }
 
+/// A publisher offer of `sdp`, serialized as it goes over the socket.
+fn publisher_offer_frame(sdp: String) -> String {
+    serde_json::to_string(&ClientMessage::Offer {
+        pc: PcName::Publisher,
+        sdp,
+    })
+    .unwrap()
+}
+
 /// Offers `sdp` on the publisher connection and waits for the server's answer.
 async fn offer_and_expect_answer(client: &SignalClient, sdp: String) {
-    client
-        .send(&ClientMessage::Offer {
-            pc: PcName::Publisher,
-            sdp,
-        })
-        .await
-        .unwrap();
+    send_publisher_offer(client, sdp).await;
     let answered = client
         .recv_until(SHORT, |m| {
             matches!(m, ServerMessage::Answer { .. }).then_some(())
@@ -284,13 +288,7 @@ async fn hostile_sdp_is_refused_up_front_as_invalid_sdp() {
     for (what, sdp) in hostile_offers() {
         assert!(sdp.len() < 256 * 1024, "{what} fits in one frame");
         let started = Instant::now();
-        client
-            .send(&ClientMessage::Offer {
-                pc: PcName::Publisher,
-                sdp,
-            })
-            .await
-            .unwrap();
+        send_publisher_offer(&client, sdp).await;
         let (code, message) = next_error(&client).await;
         assert_eq!(code, ErrorCode::InvalidSdp, "{what}: {message}");
         assert!(
@@ -510,13 +508,7 @@ async fn mutated_offers_and_answers_never_panic_or_leak() {
             if sdp.trim().is_empty() {
                 continue;
             }
-            client
-                .send(&ClientMessage::Offer {
-                    pc: PcName::Publisher,
-                    sdp,
-                })
-                .await
-                .unwrap();
+            send_publisher_offer(&client, sdp).await;
             let reply = client
                 .recv_until(SHORT, |m| match m {
                     ServerMessage::Answer { .. } => Some(None),
@@ -795,21 +787,13 @@ async fn a_flood_is_bounded_and_the_rest_of_the_room_keeps_its_media() {
     // The flooder joins the same room and sends frames as fast as it can without reading:
     // chats, junk, costly-but-acceptable offers, hostile offers, candidates, binary frames.
     let flooder = Arc::new(joined_client(&server, "flood", "flooder").await);
-    let costly_offer = serde_json::to_string(&ClientMessage::Offer {
-        pc: PcName::Publisher,
-        sdp: SDP_HEAD.to_owned() + &(0..64).map(audio_section).collect::<String>(),
-    })
-    .unwrap();
+    let costly_offer = publisher_offer_frame(
+        SDP_HEAD.to_owned() + &(0..64).map(audio_section).collect::<String>(),
+    );
     // Serialized once: the flooder's own CPU is shared with the server in this process.
     let hostile: Vec<String> = hostile_offers()
         .into_iter()
-        .map(|(_, sdp)| {
-            serde_json::to_string(&ClientMessage::Offer {
-                pc: PcName::Publisher,
-                sdp,
-            })
-            .unwrap()
-        })
+        .map(|(_, sdp)| publisher_offer_frame(sdp))
         .collect();
     // The rate before the flood, on this machine under its present load.
     let ((), before) = audio_while(
@@ -1026,11 +1010,7 @@ async fn clients_vanishing_at_every_step_of_the_handshake_leave_nothing_behind()
         .send_text(r#"{"type":"join","room":"vanish","name":"mid-offer"}"#)
         .await
         .unwrap();
-    let offer = serde_json::to_string(&ClientMessage::Offer {
-        pc: PcName::Publisher,
-        sdp: SDP_HEAD.to_owned() + &audio_section(0),
-    })
-    .unwrap();
+    let offer = publisher_offer_frame(SDP_HEAD.to_owned() + &audio_section(0));
     socket.send_text(&offer).await.unwrap();
     drop(socket);
     // Joins, receives the subscriber offer, and vanishes without answering it.

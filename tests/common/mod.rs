@@ -140,6 +140,17 @@ pub async fn raw_join(client: &SignalClient, room: &str, name: &str) -> String {
     }
 }
 
+/// Sends `sdp` as an offer on the publisher connection.
+pub async fn send_publisher_offer(client: &SignalClient, sdp: String) {
+    client
+        .send(&ClientMessage::Offer {
+            pc: PcName::Publisher,
+            sdp,
+        })
+        .await
+        .unwrap();
+}
+
 /// The next `error` the server sends, skipping other messages.
 pub async fn next_error(client: &SignalClient) -> (ErrorCode, String) {
     loop {
