@@ -8,7 +8,10 @@ mod common;
 use client::media::{VideoConfig, VideoSource};
 use client::rtc_setup::{media_engine_and_registry, negotiated_payload_type, new_local_track};
 use client::{HeadlessPeer, PeerConfig, SignalClient, TrackKind};
-use common::{raw_join, start_server, ws_url, WAIT};
+use common::{
+    eventually, next_offer, publishing_peer, raw_join, send_publisher_offer, start_server, ws_url,
+    WAIT,
+};
 use rtc::crypto::SignatureScheme;
 use rtc::peer_connection::certificate::RTCCertificate;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
@@ -145,13 +148,7 @@ async fn rsa_publisher_reaches_a_subscriber() {
     let offer = peer.pc.create_offer(None).await.unwrap();
     peer.pc.set_local_description(offer).await.unwrap();
     let sdp = local_sdp(&mut peer).await;
-    client
-        .send(&ClientMessage::Offer {
-            pc: PcName::Publisher,
-            sdp,
-        })
-        .await
-        .unwrap();
+    send_publisher_offer(&client, sdp).await;
     let answer = loop {
         match client.recv_timeout(WAIT).await.unwrap() {
             Some(ServerMessage::Answer { sdp, .. }) => break sdp,
@@ -198,22 +195,13 @@ async fn rsa_publisher_reaches_a_subscriber() {
 async fn rsa_subscriber_as_dtls_server_receives_media() {
     let server = start_server(&[]).await;
     let url = ws_url(&server);
-    let publisher = HeadlessPeer::join(PeerConfig::new(&url, "rsa-sub", "publisher"))
-        .await
-        .unwrap();
-    assert!(publisher.wait_publishing(WAIT).await);
+    let _publisher = publishing_peer(&url, "rsa-sub", "publisher").await;
 
     let client = SignalClient::connect(&url).await.unwrap();
     raw_join(&client, "rsa-sub", "gst-like").await;
     // Answering as DTLS server (`setup:passive`) makes the SFU the DTLS client.
     let mut peer = rsa_peer(RTCDtlsRole::Server).await;
-    let offer = loop {
-        match client.recv_timeout(WAIT).await.unwrap() {
-            Some(ServerMessage::Offer { sdp, .. }) => break sdp,
-            Some(_) => continue,
-            None => panic!("closed"),
-        }
-    };
+    let offer = next_offer(&client, WAIT).await.expect("a subscriber offer");
     peer.pc
         .set_remote_description(RTCSessionDescription::offer(offer).unwrap())
         .await
@@ -236,10 +224,10 @@ async fn rsa_subscriber_as_dtls_server_receives_media() {
         .await
         .expect("DTLS with an RSA server certificate completes")
         .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while peer.received.load(Ordering::Relaxed) < 50 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(WAIT, || {
+        std::future::ready(peer.received.load(Ordering::Relaxed) >= 50)
+    })
+    .await;
     assert!(
         peer.received.load(Ordering::Relaxed) >= 50,
         "the RSA subscriber received {} packets",

@@ -7,7 +7,11 @@ mod common;
 
 use client::signal::Frame;
 use client::{HeadlessPeer, PeerConfig, SignalClient};
-use common::{metric, next_error, raw_join as join, start_server, wait_metric, ws_url, WAIT};
+use common::{
+    assert_usable, close_code, connect, eventually, joined_client, metric, next_error, next_offer,
+    publishing_peer, raw_join as join, send_publisher_offer, start_server, wait_metric, ws_url,
+    WAIT,
+};
 use signaling::protocol::{ClientMessage, ErrorCode, PcName, ServerMessage, TrackKind};
 use signaling::Server;
 use std::future::Future;
@@ -19,12 +23,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 const SHORT: Duration = Duration::from_secs(5);
-
-async fn connect(server: &Server) -> SignalClient {
-    SignalClient::connect(&ws_url(server))
-        .await
-        .expect("websocket opens")
-}
 
 /// Sends `frame`, expects `want` with a message that mentions `mentions`.
 async fn expect_error(client: &SignalClient, frame: &str, want: ErrorCode, mentions: &str) {
@@ -38,34 +36,6 @@ async fn expect_error(client: &SignalClient, frame: &str, want: ErrorCode, menti
     );
 }
 
-/// The socket still works: a chat comes back to its sender.
-async fn assert_usable(client: &SignalClient, text: &str) {
-    client
-        .send(&ClientMessage::Chat { text: text.into() })
-        .await
-        .unwrap();
-    let echoed = client
-        .recv_until(SHORT, |m| {
-            matches!(m, ServerMessage::Chat { text: got, .. } if got == text).then_some(())
-        })
-        .await;
-    assert!(
-        matches!(echoed, Ok(Some(()))),
-        "socket no longer usable: {echoed:?}"
-    );
-}
-
-/// The close code the server sends, skipping everything before it.
-async fn close_code(client: &SignalClient) -> Option<u16> {
-    loop {
-        match client.recv_frame_timeout(SHORT).await {
-            Some(Frame::Closed { code, .. }) => return code,
-            Some(_) => continue,
-            None => panic!("socket was not closed"),
-        }
-    }
-}
-
 async fn assert_nothing_left(server: &Server) {
     for gauge in ["sfu_participants", "sfu_published_tracks", "sfu_rooms"] {
         assert!(
@@ -74,6 +44,35 @@ async fn assert_nothing_left(server: &Server) {
             metric(server, gauge).await
         );
     }
+}
+
+/// Waits until at most `sessions` signaling sessions are left; fails saying `what`.
+async fn assert_sessions_drop_to(server: &Server, sessions: usize, timeout: Duration, what: &str) {
+    let dropped = eventually(timeout, || {
+        std::future::ready(server.state().sessions.len() <= sessions)
+    })
+    .await;
+    assert!(dropped, "{what}");
+}
+
+/// A publisher offer of `sdp`, serialized as it goes over the socket.
+fn publisher_offer_frame(sdp: String) -> String {
+    serde_json::to_string(&ClientMessage::Offer {
+        pc: PcName::Publisher,
+        sdp,
+    })
+    .unwrap()
+}
+
+/// Offers `sdp` on the publisher connection and waits for the server's answer.
+async fn offer_and_expect_answer(client: &SignalClient, sdp: String) {
+    send_publisher_offer(client, sdp).await;
+    let answered = client
+        .recv_until(SHORT, |m| {
+            matches!(m, ServerMessage::Answer { .. }).then_some(())
+        })
+        .await;
+    assert!(matches!(answered, Ok(Some(()))), "{answered:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -285,18 +284,11 @@ fn hostile_offers() -> Vec<(&'static str, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_sdp_is_refused_up_front_as_invalid_sdp() {
     let server = start_server(&[]).await;
-    let client = connect(&server).await;
-    join(&client, "hostile", "mallory").await;
+    let client = joined_client(&server, "hostile", "mallory").await;
     for (what, sdp) in hostile_offers() {
         assert!(sdp.len() < 256 * 1024, "{what} fits in one frame");
         let started = Instant::now();
-        client
-            .send(&ClientMessage::Offer {
-                pc: PcName::Publisher,
-                sdp,
-            })
-            .await
-            .unwrap();
+        send_publisher_offer(&client, sdp).await;
         let (code, message) = next_error(&client).await;
         assert_eq!(code, ErrorCode::InvalidSdp, "{what}: {message}");
         assert!(
@@ -322,19 +314,7 @@ async fn hostile_sdp_is_refused_up_front_as_invalid_sdp() {
             .collect::<String>();
     assert!(within_limits.len() < 256 * 1024);
     let started = Instant::now();
-    client
-        .send(&ClientMessage::Offer {
-            pc: PcName::Publisher,
-            sdp: within_limits,
-        })
-        .await
-        .unwrap();
-    let answered = client
-        .recv_until(SHORT, |m| {
-            matches!(m, ServerMessage::Answer { .. }).then_some(())
-        })
-        .await;
-    assert!(matches!(answered, Ok(Some(()))), "{answered:?}");
+    offer_and_expect_answer(&client, within_limits).await;
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "the largest acceptable offer took {:?}",
@@ -430,18 +410,6 @@ a=rid:h send\r\n\
 a=rid:f send\r\n\
 a=simulcast:send q;h;f\r\n";
 
-/// The next subscriber offer's SDP, if one comes within `timeout`.
-async fn next_offer(client: &SignalClient, timeout: Duration) -> Option<String> {
-    client
-        .recv_until(timeout, |m| match m {
-            ServerMessage::Offer { sdp, .. } => Some(sdp.clone()),
-            _ => None,
-        })
-        .await
-        .ok()
-        .flatten()
-}
-
 /// A small deterministic generator (xorshift64*), so a failing mutation can be replayed.
 struct Mutator(u64);
 
@@ -534,20 +502,13 @@ async fn mutated_offers_and_answers_never_panic_or_leak() {
 
     // Offers: 4 sessions × 80 mutations (under the burst limit, so every one is processed).
     for session in 0..4 {
-        let client = connect(&server).await;
-        join(&client, "mutants", &format!("offerer{session}")).await;
+        let client = joined_client(&server, "mutants", &format!("offerer{session}")).await;
         for _ in 0..80 {
             let sdp = mutator.mutate(BROWSER_OFFER);
             if sdp.trim().is_empty() {
                 continue;
             }
-            client
-                .send(&ClientMessage::Offer {
-                    pc: PcName::Publisher,
-                    sdp,
-                })
-                .await
-                .unwrap();
+            send_publisher_offer(&client, sdp).await;
             let reply = client
                 .recv_until(SHORT, |m| match m {
                     ServerMessage::Answer { .. } => Some(None),
@@ -566,15 +527,12 @@ async fn mutated_offers_and_answers_never_panic_or_leak() {
     // Answers: a publisher makes the server offer each newcomer its tracks; the answers are
     // mutations of that offer. An applied one ends that newcomer's turn; a refused one brings
     // a fresh offer to answer again.
-    let publisher = HeadlessPeer::join(PeerConfig::new(&url, "mutants-answers", "pub"))
-        .await
-        .unwrap();
-    assert!(publisher.wait_publishing(WAIT).await);
+    let publisher = publishing_peer(&url, "mutants-answers", "pub").await;
     let mut answered = 0;
     let mut newcomer = 0;
     while answered < 50 {
-        let client = connect(&server).await;
-        join(&client, "mutants-answers", &format!("answerer{newcomer}")).await;
+        let client =
+            joined_client(&server, "mutants-answers", &format!("answerer{newcomer}")).await;
         newcomer += 1;
         let mut offer = next_offer(&client, WAIT).await.expect("a subscriber offer");
         loop {
@@ -624,20 +582,9 @@ async fn mutated_offers_and_answers_never_panic_or_leak() {
 async fn an_answer_beyond_the_limits_is_invalid_sdp_then_a_fresh_offer_follows() {
     let server = start_server(&[]).await;
     let url = ws_url(&server);
-    let publisher = HeadlessPeer::join(PeerConfig::new(&url, "big-answer", "pub"))
-        .await
-        .unwrap();
-    assert!(publisher.wait_publishing(WAIT).await);
-    let client = connect(&server).await;
-    join(&client, "big-answer", "raw").await;
-    let offer = client
-        .recv_until(WAIT, |m| match m {
-            ServerMessage::Offer { sdp, .. } => Some(sdp.clone()),
-            _ => None,
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    let publisher = publishing_peer(&url, "big-answer", "pub").await;
+    let client = joined_client(&server, "big-answer", "raw").await;
+    let offer = next_offer(&client, WAIT).await.expect("a subscriber offer");
     let offered = offer.lines().filter(|l| l.starts_with("m=")).count();
     let answer = offer.replace("a=setup:actpass", "a=setup:active")
         + &(100..100 + offered + 1)
@@ -653,12 +600,7 @@ async fn an_answer_beyond_the_limits_is_invalid_sdp_then_a_fresh_offer_follows()
     let (code, message) = next_error(&client).await;
     assert_eq!(code, ErrorCode::InvalidSdp, "{message}");
     assert!(message.contains("m-sections"), "{message}");
-    let fresh = client
-        .recv_until(WAIT, |m| {
-            matches!(m, ServerMessage::Offer { .. }).then_some(())
-        })
-        .await;
-    assert!(matches!(fresh, Ok(Some(()))), "no fresh offer: {fresh:?}");
+    assert!(next_offer(&client, WAIT).await.is_some(), "no fresh offer");
     client.close().await;
     publisher.leave().await.unwrap();
     assert_nothing_left(&server).await;
@@ -808,8 +750,7 @@ async fn oversized_binary_and_control_frames() {
 
     // Far beyond what the socket reads at all (4× the limit, at least 1 MiB): still answered
     // with too_large and 1009, or at worst a dropped connection, never a crash.
-    let huge = connect(&server).await;
-    join(&huge, "frames", "huge").await;
+    let huge = joined_client(&server, "frames", "huge").await;
     let text = format!(r#"{{"type":"chat","text":"{}"}}"#, "x".repeat(3 << 20));
     let _ = huge.send_raw(&text).await;
     let closed = loop {
@@ -845,23 +786,14 @@ async fn a_flood_is_bounded_and_the_rest_of_the_room_keeps_its_media() {
 
     // The flooder joins the same room and sends frames as fast as it can without reading:
     // chats, junk, costly-but-acceptable offers, hostile offers, candidates, binary frames.
-    let flooder = Arc::new(connect(&server).await);
-    join(&flooder, "flood", "flooder").await;
-    let costly_offer = serde_json::to_string(&ClientMessage::Offer {
-        pc: PcName::Publisher,
-        sdp: SDP_HEAD.to_owned() + &(0..64).map(audio_section).collect::<String>(),
-    })
-    .unwrap();
+    let flooder = Arc::new(joined_client(&server, "flood", "flooder").await);
+    let costly_offer = publisher_offer_frame(
+        SDP_HEAD.to_owned() + &(0..64).map(audio_section).collect::<String>(),
+    );
     // Serialized once: the flooder's own CPU is shared with the server in this process.
     let hostile: Vec<String> = hostile_offers()
         .into_iter()
-        .map(|(_, sdp)| {
-            serde_json::to_string(&ClientMessage::Offer {
-                pc: PcName::Publisher,
-                sdp,
-            })
-            .unwrap()
-        })
+        .map(|(_, sdp)| publisher_offer_frame(sdp))
         .collect();
     // The rate before the flood, on this machine under its present load.
     let ((), before) = audio_while(
@@ -970,8 +902,7 @@ async fn a_client_that_never_reads_is_dropped_and_others_are_unaffected() {
     assert!(wait_metric(&server, "sfu_participants", 1.0).await);
     let mut talkers = Vec::new();
     for i in 0..6 {
-        let talker = connect(&server).await;
-        join(&talker, "deaf", &format!("talker{i}")).await;
+        let talker = joined_client(&server, "deaf", &format!("talker{i}")).await;
         talkers.push(talker);
     }
     // Chat until the server gives up on the deaf client: once the kernel's send buffer for
@@ -1013,11 +944,13 @@ async fn a_client_that_never_reads_is_dropped_and_others_are_unaffected() {
         assert_usable(talker, &format!("talker{i} is fine")).await;
     }
     // The deaf client's session is over although its TCP connection is still open.
-    let deadline = Instant::now() + SHORT;
-    while server.state().sessions.len() > talkers.len() {
-        assert!(Instant::now() < deadline, "the deaf session never ended");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_sessions_drop_to(
+        &server,
+        talkers.len(),
+        SHORT,
+        "the deaf session never ended",
+    )
+    .await;
     drop(deaf);
     for talker in &talkers {
         talker.close().await;
@@ -1052,11 +985,7 @@ async fn sockets_that_never_join_are_closed_after_the_join_timeout() {
         assert_eq!(close_code(client).await, Some(1008));
     }
     assert!(started.elapsed() < Duration::from_secs(4));
-    let deadline = Instant::now() + SHORT;
-    while !server.state().sessions.is_empty() {
-        assert!(Instant::now() < deadline, "sessions left behind");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_sessions_drop_to(&server, 0, SHORT, "sessions left behind").await;
     server.shutdown(SHORT).await;
 }
 
@@ -1064,10 +993,7 @@ async fn sockets_that_never_join_are_closed_after_the_join_timeout() {
 async fn clients_vanishing_at_every_step_of_the_handshake_leave_nothing_behind() {
     let server = start_server(&[]).await;
     let url = ws_url(&server);
-    let stays = HeadlessPeer::join(PeerConfig::new(&url, "vanish", "stays"))
-        .await
-        .unwrap();
-    assert!(stays.wait_publishing(WAIT).await);
+    let stays = publishing_peer(&url, "vanish", "stays").await;
 
     // Drops the TCP connection without a close frame at each step.
     let mut socket = RawSocket::open(server.addr, None).await.unwrap();
@@ -1084,22 +1010,15 @@ async fn clients_vanishing_at_every_step_of_the_handshake_leave_nothing_behind()
         .send_text(r#"{"type":"join","room":"vanish","name":"mid-offer"}"#)
         .await
         .unwrap();
-    let offer = serde_json::to_string(&ClientMessage::Offer {
-        pc: PcName::Publisher,
-        sdp: SDP_HEAD.to_owned() + &audio_section(0),
-    })
-    .unwrap();
+    let offer = publisher_offer_frame(SDP_HEAD.to_owned() + &audio_section(0));
     socket.send_text(&offer).await.unwrap();
     drop(socket);
     // Joins, receives the subscriber offer, and vanishes without answering it.
-    let unanswered = connect(&server).await;
-    join(&unanswered, "vanish", "unanswered").await;
-    let offered = unanswered
-        .recv_until(WAIT, |m| {
-            matches!(m, ServerMessage::Offer { .. }).then_some(())
-        })
-        .await;
-    assert!(matches!(offered, Ok(Some(()))));
+    let unanswered = joined_client(&server, "vanish", "unanswered").await;
+    assert!(
+        next_offer(&unanswered, WAIT).await.is_some(),
+        "no subscriber offer"
+    );
     drop(unanswered);
     // A full peer that goes away while its media connections are still being set up.
     let ghost = HeadlessPeer::join(PeerConfig::new(&url, "vanish", "ghost"))
@@ -1109,11 +1028,7 @@ async fn clients_vanishing_at_every_step_of_the_handshake_leave_nothing_behind()
 
     assert!(wait_metric(&server, "sfu_participants", 1.0).await);
     assert!(wait_metric(&server, "sfu_published_tracks", 2.0).await);
-    let deadline = Instant::now() + WAIT;
-    while server.state().sessions.len() > 1 {
-        assert!(Instant::now() < deadline, "sessions left behind");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_sessions_drop_to(&server, 1, WAIT, "sessions left behind").await;
     assert!(
         stays.state().errors.is_empty(),
         "{:?}",
@@ -1131,10 +1046,8 @@ async fn clients_vanishing_at_every_step_of_the_handshake_leave_nothing_behind()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_that_would_open_a_room_beyond_max_rooms_is_room_full() {
     let server = start_server(&["--max-rooms", "2"]).await;
-    let first = connect(&server).await;
-    join(&first, "one", "a").await;
-    let second = connect(&server).await;
-    join(&second, "two", "b").await;
+    let first = joined_client(&server, "one", "a").await;
+    let second = joined_client(&server, "two", "b").await;
     let third = connect(&server).await;
     expect_error(
         &third,
@@ -1145,14 +1058,12 @@ async fn a_join_that_would_open_a_room_beyond_max_rooms_is_room_full() {
     .await;
     assert_eq!(close_code(&third).await, Some(1008));
     // Joining a room that exists is fine at the limit.
-    let fourth = connect(&server).await;
-    join(&fourth, "one", "d").await;
+    let fourth = joined_client(&server, "one", "d").await;
     assert_eq!(metric(&server, "sfu_rooms").await, 2.0);
     // Once a room closes, another may open.
     second.close().await;
     assert!(wait_metric(&server, "sfu_rooms", 1.0).await);
-    let fifth = connect(&server).await;
-    join(&fifth, "three", "e").await;
+    let fifth = joined_client(&server, "three", "e").await;
     for client in [&first, &fourth, &fifth] {
         client.close().await;
     }
@@ -1186,8 +1097,7 @@ async fn connections_beyond_max_connections_get_503_until_one_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickled_candidates_are_bounded_per_connection() {
     let server = start_server(&[]).await;
-    let client = connect(&server).await;
-    join(&client, "trickle", "t").await;
+    let client = joined_client(&server, "trickle", "t").await;
     let candidate = r#"{"type":"candidate","pc":"publisher","candidate":{"candidate":"candidate:1 1 udp 2122260223 127.0.0.1 9 typ host"}}"#;
     for _ in 0..90 {
         client.send_raw(candidate).await.unwrap();
@@ -1205,19 +1115,7 @@ async fn trickled_candidates_are_bounded_per_connection() {
     )
     .await;
     // A new offer starts a new negotiation, and with it a new allowance.
-    client
-        .send(&ClientMessage::Offer {
-            pc: PcName::Publisher,
-            sdp: SDP_HEAD.to_owned() + &audio_section(0),
-        })
-        .await
-        .unwrap();
-    let answered = client
-        .recv_until(SHORT, |m| {
-            matches!(m, ServerMessage::Answer { .. }).then_some(())
-        })
-        .await;
-    assert!(matches!(answered, Ok(Some(()))), "{answered:?}");
+    offer_and_expect_answer(&client, SDP_HEAD.to_owned() + &audio_section(0)).await;
     client.send_raw(candidate).await.unwrap();
     assert_usable(&client, "candidates accepted again").await;
     client.close().await;
@@ -1228,21 +1126,9 @@ async fn trickled_candidates_are_bounded_per_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extra_publisher_m_sections_beyond_the_track_limit_are_not_published() {
     let server = start_server(&["--max-tracks-per-participant", "2"]).await;
-    let client = connect(&server).await;
-    join(&client, "tracks", "many").await;
-    client
-        .send(&ClientMessage::Offer {
-            pc: PcName::Publisher,
-            sdp: SDP_HEAD.to_owned() + &(0..5).map(audio_section).collect::<String>(),
-        })
-        .await
-        .unwrap();
-    let answered = client
-        .recv_until(SHORT, |m| {
-            matches!(m, ServerMessage::Answer { .. }).then_some(())
-        })
-        .await;
-    assert!(matches!(answered, Ok(Some(()))), "{answered:?}");
+    let client = joined_client(&server, "tracks", "many").await;
+    let five_sections = SDP_HEAD.to_owned() + &(0..5).map(audio_section).collect::<String>();
+    offer_and_expect_answer(&client, five_sections).await;
     assert!(wait_metric(&server, "sfu_published_tracks", 2.0).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(metric(&server, "sfu_published_tracks").await, 2.0);

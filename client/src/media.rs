@@ -248,19 +248,14 @@ impl VideoSource {
             used += PROBE_LEN;
             fill_nonzero(&mut payload, chunk - used, &mut self.rng);
 
-            packets.push(rtp::Packet {
-                header: rtp::header::Header {
-                    version: 2,
-                    marker: index + 1 == count,
-                    payload_type: self.payload_type,
-                    sequence_number: self.seq,
-                    timestamp,
-                    ssrc: self.ssrc,
-                    ..Default::default()
-                },
-                payload: payload.freeze(),
-            });
-            self.seq = self.seq.wrapping_add(1);
+            packets.push(next_rtp_packet(
+                &mut self.seq,
+                self.ssrc,
+                self.payload_type,
+                timestamp,
+                index + 1 == count,
+                payload.freeze(),
+            ));
             self.counter = self.counter.wrapping_add(1);
         }
         self.picture_id = (self.picture_id + 1) & 0x7fff;
@@ -360,23 +355,44 @@ impl AudioSource {
         payload.put_u32(self.counter);
         fill_nonzero(&mut payload, size - PROBE_LEN, &mut self.rng);
 
-        let packet = rtp::Packet {
-            header: rtp::header::Header {
-                version: 2,
-                // The start of a talk spurt.
-                marker: first,
-                payload_type: self.payload_type,
-                sequence_number: self.seq,
-                timestamp,
-                ssrc: self.ssrc,
-                ..Default::default()
-            },
-            payload: payload.freeze(),
-        };
-        self.seq = self.seq.wrapping_add(1);
+        let packet = next_rtp_packet(
+            &mut self.seq,
+            self.ssrc,
+            self.payload_type,
+            timestamp,
+            // The start of a talk spurt.
+            first,
+            payload.freeze(),
+        );
         self.counter = self.counter.wrapping_add(1);
         packet
     }
+}
+
+/// The next RTP packet of a source's stream (version 2, no CSRCs or extensions), numbered `seq`,
+/// which it then advances.
+pub(crate) fn next_rtp_packet(
+    seq: &mut u16,
+    ssrc: u32,
+    payload_type: u8,
+    timestamp: u32,
+    marker: bool,
+    payload: Bytes,
+) -> rtp::Packet {
+    let packet = rtp::Packet {
+        header: rtp::header::Header {
+            version: 2,
+            marker,
+            payload_type,
+            sequence_number: *seq,
+            timestamp,
+            ssrc,
+            ..Default::default()
+        },
+        payload,
+    };
+    *seq = seq.wrapping_add(1);
+    packet
 }
 
 fn xorshift(state: &mut u64) -> u64 {

@@ -19,7 +19,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use rtc::media::io::ivf_reader::{IVFReader, IVF_FILE_HEADER_SIZE, IVF_FRAME_HEADER_SIZE};
 use rtc::rtp;
 
-use crate::media::{VideoFrame, AUDIO_CLOCK_RATE, VIDEO_CLOCK_RATE};
+use crate::media::{next_rtp_packet, VideoFrame, AUDIO_CLOCK_RATE, VIDEO_CLOCK_RATE};
 
 /// A media file that could not be used, and why.
 #[derive(Debug, thiserror::Error)]
@@ -472,20 +472,14 @@ impl FileVideoSource {
             .into_iter()
             .enumerate()
             .map(|(i, payload)| {
-                let packet = rtp::Packet {
-                    header: rtp::header::Header {
-                        version: 2,
-                        marker: i + 1 == count,
-                        payload_type: self.payload_type,
-                        sequence_number: self.seq,
-                        timestamp,
-                        ssrc: self.ssrc,
-                        ..Default::default()
-                    },
+                next_rtp_packet(
+                    &mut self.seq,
+                    self.ssrc,
+                    self.payload_type,
+                    timestamp,
+                    i + 1 == count,
                     payload,
-                };
-                self.seq = self.seq.wrapping_add(1);
-                packet
+                )
             })
             .collect();
         let keyframe = frame.keyframe;
@@ -549,20 +543,15 @@ impl FileAudioSource {
     /// The next packet; advances (wrapping at the end of the clip).
     pub fn next_packet(&mut self) -> rtp::Packet {
         let opus = &self.clip.packets[self.index];
-        let packet = rtp::Packet {
-            header: rtp::header::Header {
-                version: 2,
-                // The start of the first talk spurt.
-                marker: self.samples == 0,
-                payload_type: self.payload_type,
-                sequence_number: self.seq,
-                timestamp: self.ts_base.wrapping_add(self.samples as u32),
-                ssrc: self.ssrc,
-                ..Default::default()
-            },
-            payload: opus.data.clone(),
-        };
-        self.seq = self.seq.wrapping_add(1);
+        let packet = next_rtp_packet(
+            &mut self.seq,
+            self.ssrc,
+            self.payload_type,
+            self.ts_base.wrapping_add(self.samples as u32),
+            // The start of the first talk spurt.
+            self.samples == 0,
+            opus.data.clone(),
+        );
         self.samples += u64::from(opus.samples);
         self.index = (self.index + 1) % self.clip.packets.len();
         packet

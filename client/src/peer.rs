@@ -1071,10 +1071,7 @@ async fn handle_message(inner: &Inner, sides: &mut [RemoteSide; 2], message: Ser
             match answer_subscriber(inner, sdp).await {
                 Ok(()) => {
                     inner.state.send_modify(|s| s.subscriber_answers += 1);
-                    let side = &mut sides[side_index(PcName::Subscriber)];
-                    side.described = true;
-                    let pending = std::mem::take(&mut side.pending);
-                    add_candidates(inner, PcName::Subscriber, pending).await;
+                    described(inner, sides, PcName::Subscriber).await;
                 }
                 Err(e) => local_error(inner, format!("subscriber offer: {e}")),
             }
@@ -1094,10 +1091,7 @@ async fn handle_message(inner: &Inner, sides: &mut [RemoteSide; 2], message: Ser
             match applied {
                 Ok(()) => {
                     inner.state.send_modify(|s| s.publisher_answers += 1);
-                    let side = &mut sides[side_index(PcName::Publisher)];
-                    side.described = true;
-                    let pending = std::mem::take(&mut side.pending);
-                    add_candidates(inner, PcName::Publisher, pending).await;
+                    described(inner, sides, PcName::Publisher).await;
                 }
                 Err(e) => local_error(inner, format!("publisher answer: {e}")),
             }
@@ -1162,6 +1156,15 @@ async fn answer_subscriber(inner: &Inner, sdp: String) -> Result<()> {
     })?;
     slot.open(PcName::Subscriber, &inner.outbox);
     Ok(())
+}
+
+/// `pc` has its remote description: later candidates go straight in, and those that came
+/// early are added now.
+async fn described(inner: &Inner, sides: &mut [RemoteSide; 2], pc: PcName) {
+    let side = &mut sides[side_index(pc)];
+    side.described = true;
+    let pending = std::mem::take(&mut side.pending);
+    add_candidates(inner, pc, pending).await;
 }
 
 async fn add_candidates(inner: &Inner, pc: PcName, candidates: Vec<IceCandidate>) {

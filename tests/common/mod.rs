@@ -1,12 +1,16 @@
-//! Shared test helpers: an in-process server on 127.0.0.1 and metric reading.
+//! Shared test helpers: an in-process server on 127.0.0.1, metric reading, waiting for a
+//! condition, and the bare-signaling steps (connect, join, offers, errors, close) that several
+//! test files take.
 
 #![allow(dead_code)]
 
 use clap::Parser;
-use client::SignalClient;
+use client::signal::Frame;
+use client::{HeadlessPeer, PeerConfig, SignalClient};
 use signaling::config::ServerConfig;
-use signaling::protocol::{ClientMessage, ErrorCode, ServerMessage};
+use signaling::protocol::{ClientMessage, ErrorCode, PcName, ServerMessage};
 use signaling::Server;
+use std::future::Future;
 use std::time::Duration;
 
 /// Generous for CI on 2 cores with debug builds; tests finish as soon as the condition holds.
@@ -52,16 +56,25 @@ pub async fn metric(server: &Server, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("series {series} not in /metrics"))
 }
 
-/// Waits until `series` reads `want`.
-pub async fn wait_metric(server: &Server, series: &str, want: f64) -> bool {
-    let deadline = tokio::time::Instant::now() + WAIT;
+/// Checks `holds` every 50 ms until it is true (`true`) or `timeout` has passed (`false`).
+pub async fn eventually<F, Fut>(timeout: Duration, mut holds: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
-        if metric(server, series).await == want {
+        if holds().await {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// Waits until `series` reads `want`.
+pub async fn wait_metric(server: &Server, series: &str, want: f64) -> bool {
+    eventually(WAIT, || async { metric(server, series).await == want }).await
 }
 
 /// A bare HTTP/1.1 GET (no client library needed for three endpoints).
@@ -80,6 +93,29 @@ pub async fn http_get(server: &Server, path: &str) -> String {
 
 /// How long a bare signaling client waits for one reply.
 pub const REPLY: Duration = Duration::from_secs(5);
+
+/// A headless peer that joined `room` and whose tracks the server has published.
+pub async fn publishing_peer(url: &str, room: &str, name: &str) -> HeadlessPeer {
+    let peer = HeadlessPeer::join(PeerConfig::new(url, room, name))
+        .await
+        .unwrap();
+    assert!(peer.wait_publishing(WAIT).await, "{name} never published");
+    peer
+}
+
+/// A bare signaling socket to `server`.
+pub async fn connect(server: &Server) -> SignalClient {
+    SignalClient::connect(&ws_url(server))
+        .await
+        .expect("websocket opens")
+}
+
+/// A bare signaling socket to `server` that has joined `room` as `name`.
+pub async fn joined_client(server: &Server, room: &str, name: &str) -> SignalClient {
+    let client = connect(server).await;
+    raw_join(&client, room, name).await;
+    client
+}
 
 /// Joins over a bare signaling socket; returns the participant id.
 pub async fn raw_join(client: &SignalClient, room: &str, name: &str) -> String {
@@ -104,6 +140,17 @@ pub async fn raw_join(client: &SignalClient, room: &str, name: &str) -> String {
     }
 }
 
+/// Sends `sdp` as an offer on the publisher connection.
+pub async fn send_publisher_offer(client: &SignalClient, sdp: String) {
+    client
+        .send(&ClientMessage::Offer {
+            pc: PcName::Publisher,
+            sdp,
+        })
+        .await
+        .unwrap();
+}
+
 /// The next `error` the server sends, skipping other messages.
 pub async fn next_error(client: &SignalClient) -> (ErrorCode, String) {
     loop {
@@ -113,4 +160,47 @@ pub async fn next_error(client: &SignalClient) -> (ErrorCode, String) {
             other => panic!("expected an error message, got {other:?}"),
         }
     }
+}
+
+/// The socket still works: a chat comes back to its sender.
+pub async fn assert_usable(client: &SignalClient, text: &str) {
+    client
+        .send(&ClientMessage::Chat { text: text.into() })
+        .await
+        .unwrap();
+    let echoed = client
+        .recv_until(REPLY, |m| {
+            matches!(m, ServerMessage::Chat { text: got, .. } if got == text).then_some(())
+        })
+        .await;
+    assert!(
+        matches!(echoed, Ok(Some(()))),
+        "socket no longer usable: {echoed:?}"
+    );
+}
+
+/// The close code the server sends, skipping everything before it.
+pub async fn close_code(client: &SignalClient) -> Option<u16> {
+    loop {
+        match client.recv_frame_timeout(REPLY).await {
+            Some(Frame::Closed { code, .. }) => return code,
+            Some(_) => continue,
+            None => panic!("socket was not closed"),
+        }
+    }
+}
+
+/// The SDP of the next subscriber offer, if one comes within `timeout`.
+pub async fn next_offer(client: &SignalClient, timeout: Duration) -> Option<String> {
+    client
+        .recv_until(timeout, |m| match m {
+            ServerMessage::Offer {
+                pc: PcName::Subscriber,
+                sdp,
+            } => Some(sdp.clone()),
+            _ => None,
+        })
+        .await
+        .ok()
+        .flatten()
 }

@@ -556,10 +556,11 @@ pub fn cpu_percent(cpu: Duration, wall: Duration) -> Option<f64> {
     (wall > 0.0).then(|| cpu.as_secs_f64() * 100.0 / wall)
 }
 
-/// A received track's bitrate from its first packet to `end`.
-fn track_bitrate(stats: &TrackStats, end: Instant) -> f64 {
-    match stats.first_packet_at {
-        Some(first) => bitrate_bps(stats.bytes, end.saturating_duration_since(first)),
+/// The bitrate of `bytes` sent or received from `first` (the first packet) to `end`; 0 when
+/// there was no packet.
+fn bitrate_since(bytes: u64, first: Option<Instant>, end: Instant) -> f64 {
+    match first {
+        Some(first) => bitrate_bps(bytes, end.saturating_duration_since(first)),
         None => 0.0,
     }
 }
@@ -660,10 +661,8 @@ impl LoadReport {
         let mut video_send_rates = Vec::new();
         for (record, peer) in &joined {
             if record.role == Role::Publisher {
-                let rate_of = |s: &crate::stats::SentStats| match s.first_sent_at {
-                    Some(first) => bitrate_bps(s.bytes, end.saturating_duration_since(first)),
-                    None => 0.0,
-                };
+                let rate_of =
+                    |s: &crate::stats::SentStats| bitrate_since(s.bytes, s.first_sent_at, end);
                 let rate: f64 = peer.stats.sent.values().map(rate_of).sum();
                 send_by_publisher.insert(peer.participant_id.as_str(), rate);
                 if let Some(video) = peer.stats.sent.get(&crate::TrackKind::Video) {
@@ -755,8 +754,11 @@ impl LoadReport {
                 summary.join_time_ms = Some(ms);
                 join_times.push(ms);
             }
-            summary.receive_bitrate_bps =
-                received.iter().map(|s| track_bitrate(s, end)).sum::<f64>() + 0.0;
+            summary.receive_bitrate_bps = received
+                .iter()
+                .map(|s| bitrate_since(s.bytes, s.first_packet_at, end))
+                .sum::<f64>()
+                + 0.0;
             let (mut lost, mut packets) = (0, 0);
             let mut peer_latency = LatencyHistogram::default();
             let mut jitters = Vec::new();
@@ -936,108 +938,120 @@ impl LoadReport {
             (None, true) => " + synthetic Opus".to_owned(),
             (None, false) => String::new(),
         };
-        let _ =
-            writeln!(
-            out,
-            "sfu-load report: {}{}, {} room(s) x ({} publishers + {} subscribers), {media}{audio}",
-            c.url,
-            match c.target {
-                super::Target::Ours => "",
-                super::Target::Janus => " (Janus VideoRoom)",
-            },
-            c.rooms, c.publishers_per_room, c.subscribers_per_room
+        let target = match c.target {
+            super::Target::Ours => "",
+            super::Target::Janus => " (Janus VideoRoom)",
+        };
+        line(
+            &mut out,
+            format_args!(
+                "sfu-load report: {}{target}, {} room(s) x ({} publishers + {} subscribers), {media}{audio}",
+                c.url, c.rooms, c.publishers_per_room, c.subscribers_per_room
+            ),
         );
-        let _ = writeln!(
-            out,
-            "  run         joined in {:.1} s, held {:.1} s of {:.0} s{}",
-            self.run.join_phase_s,
-            self.run.hold_s,
-            c.duration_s,
-            if self.run.interrupted {
-                " (interrupted by Ctrl-C: report so far)"
-            } else {
-                ""
-            }
+        let interrupted = if self.run.interrupted {
+            " (interrupted by Ctrl-C: report so far)"
+        } else {
+            ""
+        };
+        row(
+            &mut out,
+            "run",
+            format_args!(
+                "joined in {:.1} s, held {:.1} s of {:.0} s{interrupted}",
+                self.run.join_phase_s, self.run.hold_s, c.duration_s
+            ),
         );
         let j = &self.joins;
-        let _ = writeln!(
-            out,
-            "  joins       {}/{} succeeded, {} failed{}",
-            j.succeeded,
-            j.planned,
-            j.failed,
-            if j.attempted < j.planned {
-                format!(", {} not started", j.planned - j.attempted)
-            } else {
-                String::new()
-            }
+        let not_started = if j.attempted < j.planned {
+            format!(", {} not started", j.planned - j.attempted)
+        } else {
+            String::new()
+        };
+        row(
+            &mut out,
+            "joins",
+            format_args!(
+                "{}/{} succeeded, {} failed{not_started}",
+                j.succeeded, j.planned, j.failed
+            ),
         );
-        match &j.join_time_ms {
-            Some(p) => {
-                let _ = writeln!(
-                    out,
-                    "  join time   p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  max {:.0} ms  ({} peers; socket open -> first media packet)",
-                    p.p50, p.p95, p.p99, p.max, p.count
-                );
-            }
-            None => {
-                let _ = writeln!(out, "  join time   n/a (no peer received media)");
-            }
-        }
+        let join_time =
+            j.join_time_ms
+                .as_ref()
+                .map_or("n/a (no peer received media)".to_owned(), |p| {
+                    let quantiles = [
+                        ("p50", p.p50),
+                        ("p95", p.p95),
+                        ("p99", p.p99),
+                        ("max", p.max),
+                    ];
+                    format!(
+                        "{}  ({} peers; socket open -> first media packet)",
+                        fmt_ms_quantiles(&quantiles, 0),
+                        p.count
+                    )
+                });
+        row(&mut out, "join time", join_time);
         let t = &self.tracks;
-        let _ = writeln!(
-            out,
-            "  tracks      {}/{} received, {} stalled; {}/{} peers got every track",
-            t.received, t.expected, t.stalled, t.peers_complete, t.peers_joined
+        row(
+            &mut out,
+            "tracks",
+            format_args!(
+                "{}/{} received, {} stalled; {}/{} peers got every track",
+                t.received, t.expected, t.stalled, t.peers_complete, t.peers_joined
+            ),
         );
         let m = &self.media;
         let r = &m.receive_bitrate_bps;
-        let _ = writeln!(
-            out,
-            "  receive     {} per peer (expected {}, lowest {}), {} in all",
-            fmt_bps(r.per_peer_mean),
-            fmt_bps(r.expected_per_peer_mean),
-            fmt_bps(r.per_peer_min),
-            fmt_bps(r.total)
+        row(
+            &mut out,
+            "receive",
+            format_args!(
+                "{} per peer (expected {}, lowest {}), {} in all",
+                fmt_bps(r.per_peer_mean),
+                fmt_bps(r.expected_per_peer_mean),
+                fmt_bps(r.per_peer_min),
+                fmt_bps(r.total)
+            ),
         );
-        let _ = writeln!(
-            out,
-            "  send        {} per publisher, {} in all (RTP payload)",
-            fmt_bps(m.send_bitrate_bps.per_publisher_mean),
-            fmt_bps(m.send_bitrate_bps.total)
+        row(
+            &mut out,
+            "send",
+            format_args!(
+                "{} per publisher, {} in all (RTP payload)",
+                fmt_bps(m.send_bitrate_bps.per_publisher_mean),
+                fmt_bps(m.send_bitrate_bps.total)
+            ),
         );
-        let _ = writeln!(
-            out,
-            "  loss        {:.3}% ({} of {} packets)",
-            m.loss_pct, m.packets_lost, m.packets_expected
+        row(
+            &mut out,
+            "loss",
+            format_args!(
+                "{:.3}% ({} of {} packets)",
+                m.loss_pct, m.packets_lost, m.packets_expected
+            ),
         );
-        match &m.jitter_ms {
-            Some(jit) => {
-                let _ = writeln!(
-                    out,
-                    "  jitter      audio {}  video {}  max {:.1} ms",
-                    fmt_opt_ms(jit.audio_mean),
-                    fmt_opt_ms(jit.video_mean),
-                    jit.max
-                );
-            }
-            None => {
-                let _ = writeln!(out, "  jitter      n/a");
-            }
-        }
-        match &m.latency_ms {
-            Some(l) => {
-                let _ = writeln!(
-                    out,
-                    "  latency     one-way p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
-                    l.p50, l.p99, l.max
-                );
-            }
-            None => {
-                let _ = writeln!(out, "  latency     not measured");
-            }
-        }
-        let _ = writeln!(out, "  measured    {}", m.note);
+        let jitter = or_na(m.jitter_ms.as_ref(), |jit| {
+            format!(
+                "audio {}  video {}  max {:.1} ms",
+                fmt_opt_ms(jit.audio_mean),
+                fmt_opt_ms(jit.video_mean),
+                jit.max
+            )
+        });
+        row(&mut out, "jitter", jitter);
+        let latency = m
+            .latency_ms
+            .as_ref()
+            .map_or("not measured".to_owned(), |l| {
+                format!(
+                    "one-way {}",
+                    fmt_ms_quantiles(&[("p50", l.p50), ("p99", l.p99), ("max", l.max)], 1)
+                )
+            });
+        row(&mut out, "latency", latency);
+        row(&mut out, "measured", &m.note);
         let s = &self.server;
         if s.samples >= 2 {
             let error = s
@@ -1046,51 +1060,62 @@ impl LoadReport {
                 .map_or(String::new(), |e| {
                     format!(" (+-{e:.0}: the counter counts whole seconds)")
                 });
-            let _ = writeln!(
-                out,
-                "  server      CPU {} avg{error}, {} while held, {} peak over {:.0} s (% of one core); RSS {} -> {} (peak {})",
-                fmt_opt_pct(s.cpu_percent_avg),
-                fmt_opt_pct(s.cpu_percent_hold),
-                fmt_opt_pct(s.cpu_percent_peak),
-                s.peak_window_s,
-                fmt_opt_bytes(s.rss_bytes_start),
-                fmt_opt_bytes(s.rss_bytes_end),
-                fmt_opt_bytes(s.rss_bytes_peak)
+            row(
+                &mut out,
+                "server",
+                format_args!(
+                    "CPU {} avg{error}, {} while held, {} peak over {:.0} s (% of one core); RSS {} -> {} (peak {})",
+                    fmt_opt_pct(s.cpu_percent_avg),
+                    fmt_opt_pct(s.cpu_percent_hold),
+                    fmt_opt_pct(s.cpu_percent_peak),
+                    s.peak_window_s,
+                    fmt_opt_bytes(s.rss_bytes_start),
+                    fmt_opt_bytes(s.rss_bytes_end),
+                    fmt_opt_bytes(s.rss_bytes_peak)
+                ),
             );
             if let (Some(packets), Some(per_cpu)) =
                 (m.packets_received_hold, s.packets_per_cpu_second)
             {
-                let _ = writeln!(
-                    out,
-                    "  forwarded   {packets} packets received while held = {per_cpu:.0} per server CPU-second{}",
-                    s.pid.map_or(String::new(), |pid| format!(" (CPU from /proc/{pid})"))
+                let source = s
+                    .pid
+                    .map_or(String::new(), |pid| format!(" (CPU from /proc/{pid})"));
+                row(
+                    &mut out,
+                    "forwarded",
+                    format_args!(
+                        "{packets} packets received while held = {per_cpu:.0} per server CPU-second{source}"
+                    ),
                 );
             }
         } else {
-            let _ = writeln!(
-                out,
-                "  server      CPU/RSS unknown: {}",
-                s.error
-                    .as_deref()
-                    .unwrap_or("fewer than two /metrics readings")
-            );
+            let why = s
+                .error
+                .as_deref()
+                .unwrap_or("fewer than two /metrics readings");
+            row(&mut out, "server", format_args!("CPU/RSS unknown: {why}"));
         }
         let te = &self.tester;
-        let _ = writeln!(
-            out,
-            "  tester      CPU {} avg, {} while held = {} of a core per peer ({} peers); RSS peak {}",
-            fmt_opt_pct(Some(te.cpu_percent_avg)),
-            fmt_opt_pct(te.cpu_percent_hold),
-            te.cpu_percent_per_peer
-                .map_or("n/a".to_owned(), |p| format!("{p:.2}%")),
-            te.peers,
-            fmt_opt_bytes(Some(te.max_rss_bytes as f64))
+        row(
+            &mut out,
+            "tester",
+            format_args!(
+                "CPU {} avg, {} while held = {} of a core per peer ({} peers); RSS peak {}",
+                fmt_opt_pct(Some(te.cpu_percent_avg)),
+                fmt_opt_pct(te.cpu_percent_hold),
+                or_na(te.cpu_percent_per_peer, |p| format!("{p:.2}%")),
+                te.peers,
+                fmt_opt_bytes(Some(te.max_rss_bytes as f64))
+            ),
         );
         if let (Some(busy), Some(cores)) = (te.machine_cpu_percent_hold, te.machine_cores) {
-            let _ = writeln!(
-                out,
-                "  machine     {busy:.0}% CPU busy of {}% ({cores} cores) while held, every process counted",
-                cores * 100
+            row(
+                &mut out,
+                "machine",
+                format_args!(
+                    "{busy:.0}% CPU busy of {}% ({cores} cores) while held, every process counted",
+                    cores * 100
+                ),
             );
         }
         // Failures grouped by reason: a full room fails a hundred joins the same way.
@@ -1110,10 +1135,9 @@ impl LoadReport {
             } else {
                 shown
             };
-            let _ = writeln!(
-                out,
-                "  ! {} join(s) failed: {reason} ({shown})",
-                names.len()
+            line(
+                &mut out,
+                format_args!("  ! {} join(s) failed: {reason} ({shown})", names.len()),
             );
         }
         let incomplete: Vec<&PeerSummary> = self
@@ -1125,23 +1149,27 @@ impl LoadReport {
             })
             .collect();
         for p in incomplete.iter().take(10) {
-            let _ = writeln!(
-                out,
-                "  ! {:<14} {}/{} tracks, {} stalled",
-                p.name, p.tracks_received, p.tracks_expected, p.tracks_stalled
+            line(
+                &mut out,
+                format_args!(
+                    "  ! {:<14} {}/{} tracks, {} stalled",
+                    p.name, p.tracks_received, p.tracks_expected, p.tracks_stalled
+                ),
             );
         }
         if incomplete.len() > 10 {
-            let _ = writeln!(
-                out,
-                "  ! ... and {} more peers missing tracks (see --json)",
-                incomplete.len() - 10
+            line(
+                &mut out,
+                format_args!(
+                    "  ! ... and {} more peers missing tracks (see --json)",
+                    incomplete.len() - 10
+                ),
             );
         }
         for w in &self.verdict.warnings {
-            let _ = writeln!(out, "  warning: {w}");
+            line(&mut out, format_args!("  warning: {w}"));
         }
-        let _ = writeln!(out, "{}", self.verdict.line);
+        line(&mut out, &self.verdict.line);
         out
     }
 }
@@ -1250,18 +1278,41 @@ pub fn fmt_bps(bps: f64) -> String {
     }
 }
 
+/// One line of the text report.
+fn line(out: &mut String, text: impl std::fmt::Display) {
+    // Writing to a `String` cannot fail.
+    let _ = writeln!(out, "{text}");
+}
+
+/// One labelled row of the text report: the label in a 12-wide column after two spaces.
+fn row(out: &mut String, label: &str, body: impl std::fmt::Display) {
+    line(out, format_args!("  {label:<12}{body}"));
+}
+
+/// `value` formatted, or `n/a` when it is missing.
+fn or_na<T>(value: Option<T>, format: impl FnOnce(T) -> String) -> String {
+    value.map_or("n/a".to_owned(), format)
+}
+
+/// `p50 3.0 ms  p99 4.1 ms ...`: named millisecond values, `decimals` after the point.
+fn fmt_ms_quantiles(values: &[(&str, f64)], decimals: usize) -> String {
+    let parts: Vec<String> = values
+        .iter()
+        .map(|(name, ms)| format!("{name} {ms:.decimals$} ms"))
+        .collect();
+    parts.join("  ")
+}
+
 fn fmt_opt_ms(ms: Option<f64>) -> String {
-    ms.map_or("n/a".to_owned(), |v| format!("{v:.1} ms"))
+    or_na(ms, |v| format!("{v:.1} ms"))
 }
 
 fn fmt_opt_pct(p: Option<f64>) -> String {
-    p.map_or("n/a".to_owned(), |v| format!("{v:.0}%"))
+    or_na(p, |v| format!("{v:.0}%"))
 }
 
 fn fmt_opt_bytes(b: Option<f64>) -> String {
-    b.map_or("n/a".to_owned(), |v| {
-        format!("{:.0} MiB", v / 1024.0 / 1024.0)
-    })
+    or_na(b, |v| format!("{:.0} MiB", v / 1024.0 / 1024.0))
 }
 
 #[cfg(test)]
@@ -1339,6 +1390,16 @@ mod tests {
             probe_unique: 100,
             jitter_ms: 2.0,
             ..TrackStats::default()
+        }
+    }
+
+    /// A peer of room 0.
+    fn record(name: &str, role: Role, outcome: PeerOutcome) -> PeerRecord {
+        PeerRecord {
+            name: name.into(),
+            role,
+            room: 0,
+            outcome,
         }
     }
 
@@ -1464,24 +1525,13 @@ mod tests {
         lossy.latency.record(3_000);
         s.stats.tracks.insert(("B".into(), "tb".into()), lossy);
         let peers = vec![
-            PeerRecord {
-                name: "pub-0-0".into(),
-                role: Role::Publisher,
-                room: 0,
-                outcome: PeerOutcome::Joined(Box::new(a)),
-            },
-            PeerRecord {
-                name: "pub-0-1".into(),
-                role: Role::Publisher,
-                room: 0,
-                outcome: PeerOutcome::Joined(Box::new(b)),
-            },
-            PeerRecord {
-                name: "sub-0-0".into(),
-                role: Role::Subscriber,
-                room: 0,
-                outcome: PeerOutcome::Joined(Box::new(s)),
-            },
+            record("pub-0-0", Role::Publisher, PeerOutcome::Joined(Box::new(a))),
+            record("pub-0-1", Role::Publisher, PeerOutcome::Joined(Box::new(b))),
+            record(
+                "sub-0-0",
+                Role::Subscriber,
+                PeerOutcome::Joined(Box::new(s)),
+            ),
         ];
         let report = LoadReport::build(input(&peers, base, end));
         assert_eq!(report.joins.succeeded, 3);
@@ -1577,32 +1627,20 @@ mod tests {
         t.last_packet_at = Some(end - Duration::from_secs(5));
         s.stats.tracks.insert(("A".into(), "ta".into()), t);
         let peers = vec![
-            PeerRecord {
-                name: "pub-0-0".into(),
-                role: Role::Publisher,
-                room: 0,
-                outcome: PeerOutcome::Joined(Box::new(a)),
-            },
-            PeerRecord {
-                name: "pub-0-1".into(),
-                role: Role::Publisher,
-                room: 0,
-                outcome: PeerOutcome::Failed {
+            record("pub-0-0", Role::Publisher, PeerOutcome::Joined(Box::new(a))),
+            record(
+                "pub-0-1",
+                Role::Publisher,
+                PeerOutcome::Failed {
                     reason: "timed out waiting for joined".into(),
                 },
-            },
-            PeerRecord {
-                name: "sub-0-0".into(),
-                role: Role::Subscriber,
-                room: 0,
-                outcome: PeerOutcome::Joined(Box::new(s)),
-            },
-            PeerRecord {
-                name: "sub-0-1".into(),
-                role: Role::Subscriber,
-                room: 0,
-                outcome: PeerOutcome::NotStarted,
-            },
+            ),
+            record(
+                "sub-0-0",
+                Role::Subscriber,
+                PeerOutcome::Joined(Box::new(s)),
+            ),
+            record("sub-0-1", Role::Subscriber, PeerOutcome::NotStarted),
         ];
         let report = LoadReport::build(input(&peers, base, end));
         assert_eq!(
@@ -1664,12 +1702,11 @@ mod tests {
     fn json_has_the_documented_fields() {
         let base = Instant::now();
         let end = base + Duration::from_secs(10);
-        let peers = vec![PeerRecord {
-            name: "pub-0-0".into(),
-            role: Role::Publisher,
-            room: 0,
-            outcome: PeerOutcome::Joined(Box::new(joined("A", base, &["ta"]))),
-        }];
+        let peers = vec![record(
+            "pub-0-0",
+            Role::Publisher,
+            PeerOutcome::Joined(Box::new(joined("A", base, &["ta"]))),
+        )];
         let mut run = input(&peers, base, end);
         run.measurement = Measurement::Rtp;
         let report = LoadReport::build(run);
