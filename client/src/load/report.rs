@@ -1266,7 +1266,8 @@ fn verdict(
 }
 
 fn mean(values: &[f64]) -> Option<f64> {
-    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+    // `+ 0.0`: a float sum of nothing (or of -0.0s) is -0.0, which would print as "-0".
+    (!values.is_empty()).then(|| (values.iter().sum::<f64>() + 0.0) / values.len() as f64)
 }
 
 /// `1.23 Mbit/s`, `456 kbit/s`.
@@ -1320,6 +1321,13 @@ mod tests {
     use super::*;
     use crate::stats::SentStats;
     use crate::TrackKind;
+
+    #[test]
+    fn a_mean_of_silent_publishers_prints_as_zero_not_minus_zero() {
+        let silent = [-0.0_f64, -0.0];
+        assert_eq!(format!("{}", mean(&silent).unwrap()), "0");
+        assert_eq!(mean(&[]), None);
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
