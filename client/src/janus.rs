@@ -28,7 +28,9 @@ use webrtc::peer_connection::{
 };
 
 use crate::peer::PeerConfig;
-use crate::publish::{add_published_track, spawn_sender, AudioLevel, PublishedTrack, SendOptions};
+use crate::publish::{
+    add_configured_tracks, spawn_sender, AudioLevel, PublishedTrack, SendOptions,
+};
 use crate::rtc_setup::{build_peer_connection, sdp_mid_and_ufrag, PcOptions};
 use crate::signal::{Frame, SignalClient};
 use crate::stats::{lock, PeerStats, SentStats, StatsStore, TrackKey, TrackStats};
@@ -578,22 +580,7 @@ impl JanusPeer {
         let publisher = if publishing {
             let built = async {
                 let slot = JanusPc::new(true, &config.pc, &session, &state, &stats, &tasks).await?;
-                let mut kinds = vec![];
-                if config.publish_audio {
-                    kinds.push(TrackKind::Audio);
-                }
-                if config.publish_video {
-                    kinds.push(TrackKind::Video);
-                }
-                for kind in kinds {
-                    match add_published_track(&slot.pc, kind, &participant_id).await {
-                        Ok(track) => published.push(track),
-                        Err(e) => {
-                            let _ = slot.pc.close().await;
-                            return Err(e);
-                        }
-                    }
-                }
+                published = add_configured_tracks(&slot.pc, &config, &participant_id).await?;
                 Ok(slot)
             }
             .await;

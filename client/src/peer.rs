@@ -22,8 +22,8 @@ use webrtc::peer_connection::{
 use crate::media::{AudioConfig, VideoConfig};
 use crate::media_file::{IvfClip, OggOpusClip};
 use crate::publish::{
-    add_published_track, add_simulcast_video_track, check_simulcast_layers, spawn_sender,
-    AudioLevel, AudioMedia, PublishedTrack, SendOptions, SimulcastLayer, VideoMedia,
+    add_configured_tracks, check_simulcast_layers, spawn_sender, AudioLevel, AudioMedia,
+    PublishedTrack, SendOptions, SimulcastLayer, VideoMedia,
 };
 use crate::rtc_setup::{
     build_peer_connection, candidate_from_wire, candidate_to_wire, sdp_mid_and_ufrag, PcOptions,
@@ -589,28 +589,7 @@ impl HeadlessPeer {
                     &tasks,
                 )
                 .await?;
-                let mut kinds = vec![];
-                if config.publish_audio {
-                    kinds.push(TrackKind::Audio);
-                }
-                if config.publish_video {
-                    kinds.push(TrackKind::Video);
-                }
-                for kind in kinds {
-                    let added = if kind == TrackKind::Video && !config.simulcast.is_empty() {
-                        add_simulcast_video_track(&slot.pc, &participant_id, &config.simulcast)
-                            .await
-                    } else {
-                        add_published_track(&slot.pc, kind, &participant_id).await
-                    };
-                    match added {
-                        Ok(track) => published.push(track),
-                        Err(e) => {
-                            let _ = slot.pc.close().await;
-                            return Err(e);
-                        }
-                    }
-                }
+                published = add_configured_tracks(&slot.pc, &config, &participant_id).await?;
                 Ok(slot)
             }
             .await;

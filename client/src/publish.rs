@@ -186,6 +186,39 @@ async fn add_send_only(
     Ok((transceiver, sender))
 }
 
+/// Adds the tracks `config` publishes (audio, then video: simulcast if it lists layers) to
+/// `pc` in media stream `stream_id`, closing `pc` when one cannot be added.
+pub(crate) async fn add_configured_tracks(
+    pc: &Arc<dyn PeerConnection>,
+    config: &crate::PeerConfig,
+    stream_id: &str,
+) -> Result<Vec<PublishedTrack>> {
+    let mut kinds = vec![];
+    if config.publish_audio {
+        kinds.push(TrackKind::Audio);
+    }
+    if config.publish_video {
+        kinds.push(TrackKind::Video);
+    }
+    let mut published = Vec::with_capacity(kinds.len());
+    for kind in kinds {
+        let added = if kind == TrackKind::Video && !config.simulcast.is_empty() {
+            add_simulcast_video_track(pc, stream_id, &config.simulcast).await
+        } else {
+            add_published_track(pc, kind, stream_id).await
+        };
+        match added {
+            Ok(track) => published.push(track),
+            Err(e) => {
+                // A webrtc-rs connection is not stopped by dropping it.
+                let _ = pc.close().await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(published)
+}
+
 /// Adds a send-only track of `kind` in media stream `stream_id` to `pc`.
 pub async fn add_published_track(
     pc: &Arc<dyn PeerConnection>,
