@@ -17,6 +17,10 @@ use crate::{Error, Result};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Signaling sends small messages in bursts (an answer, then candidates); with Nagle's
+/// algorithm each after the first would wait for the server's delayed ACK (~40 ms).
+const NO_NAGLE: bool = true;
+
 /// One frame as it came off the socket, for tests that look below the JSON layer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
@@ -67,7 +71,8 @@ pub struct SignalClient {
 impl SignalClient {
     /// Opens `url` (e.g. `ws://127.0.0.1:8080/ws`).
     pub async fn connect(url: &str) -> Result<SignalClient> {
-        let (ws, _response) = tokio_tungstenite::connect_async(url).await?;
+        let (ws, _response) =
+            tokio_tungstenite::connect_async_with_config(url, None, NO_NAGLE).await?;
         Ok(SignalClient::from_socket(ws))
     }
 
@@ -83,7 +88,8 @@ impl SignalClient {
         request
             .headers_mut()
             .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(protocol));
-        let (ws, _response) = tokio_tungstenite::connect_async(request).await?;
+        let (ws, _response) =
+            tokio_tungstenite::connect_async_with_config(request, None, NO_NAGLE).await?;
         Ok(SignalClient::from_socket(ws))
     }
 
