@@ -29,10 +29,10 @@ if [[ $(id -u) -ne 0 ]]; then
   echo "side-by-side: run as root (it installs janus with apt-get and creates a network namespace)" >&2
   exit 2
 fi
-if ! command -v janus >/dev/null 2>&1; then
-  echo "side-by-side: installing janus (Debian's package)"
+if ! command -v janus >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
+  echo "side-by-side: installing janus and iproute2 (Debian's packages)"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq janus >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq janus iproute2 >/dev/null
 fi
 for tool in ip python3; do
   command -v "$tool" >/dev/null 2>&1 || { echo "side-by-side: $tool is missing" >&2; exit 2; }
