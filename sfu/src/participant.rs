@@ -903,6 +903,24 @@ impl ParticipantTask {
             RTCPeerConnectionState::Connected => {
                 connection.deadline = None;
                 connection.connected = true;
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    // The SRTP profile decides much of what a forwarded packet costs
+                    // (docs/benchmarks.md): worth seeing per connection when debugging.
+                    let stats = connection
+                        .pc
+                        .get_stats(
+                            std::time::Instant::now(),
+                            rtc::statistics::StatsSelector::None,
+                        )
+                        .await;
+                    if let Some(transport) = stats.transport() {
+                        tracing::debug!(
+                            participant = %self.id, ?role,
+                            srtp = %transport.srtp_cipher, dtls = %transport.dtls_cipher,
+                            "connection secured"
+                        );
+                    }
+                }
                 if role == PeerRole::Subscriber {
                     self.bind_down_tracks().await;
                 }
