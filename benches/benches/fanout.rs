@@ -12,7 +12,6 @@
 
 use std::cell::RefCell;
 use std::net::UdpSocket;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +22,7 @@ use rtc::shared::marshal::Marshal;
 use rtc::srtp::protection_profile::ProtectionProfile;
 use sfu_benches::alloc_count::{count_allocations, CountingAllocator};
 use sfu_benches::hot_path::{srtp_context, FanoutPath, Media, SourceStream, Stage};
+use sfu_benches::report::target_dir;
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
@@ -320,17 +320,6 @@ fn ceiling_benches<M: Measurement>(c: &mut Criterion<M>) {
         b.iter(|| packet.marshal().expect("marshal"));
     });
     group.finish();
-}
-
-/// `target/` of this build: benches run from `target/<profile>/deps/`.
-fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
-        .unwrap_or_else(|| PathBuf::from("target"))
 }
 
 /// Criterion's point estimate of one iteration, in ns (the slope when it fitted one).

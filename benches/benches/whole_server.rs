@@ -22,7 +22,7 @@ use clap::Parser;
 use client::{HeadlessPeer, PeerConfig, PeerStats, TrackKind};
 use sfu_benches::report::{
     largest_served, load_average_1m, metric_value, own_cpu_seconds, process_cpu_seconds,
-    ProbeCounts, WindowLoss,
+    target_dir, ProbeCounts, WindowLoss,
 };
 use signaling::config::ServerConfig;
 use signaling::Server;
@@ -561,17 +561,6 @@ fn write_json(rows: &[Row], settings: &Settings, path: &std::path::Path) -> std:
         "rows": rows,
     });
     std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
-}
-
-/// `target/` of this build: benches run from `target/<profile>/deps/`.
-fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
-        .unwrap_or_else(|| PathBuf::from("target"))
 }
 
 /// Server mode: what `sfu-server`'s `main` does, ending on SIGTERM or when the parent goes

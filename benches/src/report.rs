@@ -1,6 +1,9 @@
 //! The arithmetic of the whole-server bench, kept apart from its IO so it is unit-tested:
 //! reading series from Prometheus text, this process's CPU time, and turning counter
-//! snapshots taken at both ends of a measurement window into rates and loss.
+//! snapshots taken at both ends of a measurement window into rates and loss; and where the
+//! benches write their outputs.
+
+use std::path::PathBuf;
 
 /// The value of the sample named exactly `series` (labels included, as printed), if present.
 pub fn metric_value(body: &str, series: &str) -> Option<f64> {
@@ -109,6 +112,17 @@ impl WindowLoss {
             1.0 - self.received as f64 / self.expected as f64
         }
     }
+}
+
+/// `target/` of this build: benches run from `target/<profile>/deps/`.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
+        .unwrap_or_else(|| PathBuf::from("target"))
 }
 
 #[cfg(test)]
