@@ -387,15 +387,7 @@ async fn wait_for_role(viewer: &Person, sender: &Person, kind: &str) -> Result<(
 
 /// A screen share shows as a second, moving tile on the others' pages, beside the camera.
 async fn screen_share_is_a_new_tile(sharer: &Person, others: &[&Person]) -> Result<()> {
-    sharer.page.click("#share-screen").await?;
-    sharer
-        .page
-        .wait_for(
-            "sfuTest.state().publishing.screen",
-            WAIT,
-            "the screen share to start",
-        )
-        .await?;
+    sharer.start_screen_share().await?;
     for viewer in others {
         wait_for_role(viewer, sharer, "screen").await?;
         wait_for_role(viewer, sharer, "camera").await?;

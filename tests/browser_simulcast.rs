@@ -437,15 +437,7 @@ async fn grid_tiles_follow_their_size(
 /// extension again; the camera must keep decoding on every viewer's page through both, checked
 /// once the renegotiation is visible there (the share's tile has appeared, then gone).
 async fn camera_survives_a_screen_share(sharer: &Person, viewers: &[&Person]) -> Result<()> {
-    sharer.page.click("#share-screen").await?;
-    sharer
-        .page
-        .wait_for(
-            "sfuTest.state().publishing.screen",
-            WAIT,
-            "the screen share to start",
-        )
-        .await?;
+    sharer.start_screen_share().await?;
     for viewer in viewers {
         wait_for_moving_video(viewer, sharer, "screen").await?;
         keeps_decoding(viewer, sharer, "after the share started").await?;

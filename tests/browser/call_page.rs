@@ -54,6 +54,19 @@ impl Person {
         let id = id.as_str().unwrap_or_default().to_owned();
         Ok(Person { page, id })
     }
+
+    /// Clicks the screen-share button and waits until the page says it is sharing.
+    pub async fn start_screen_share(&self) -> Result<()> {
+        self.page.click("#share-screen").await?;
+        self.page
+            .wait_for(
+                "sfuTest.state().publishing.screen",
+                WAIT,
+                "the screen share to start",
+            )
+            .await
+            .map(drop)
+    }
 }
 
 /// Someone in the room as the pages know them: tiles and stats are keyed by participant id,
