@@ -77,7 +77,8 @@ pub struct Joined {
 }
 
 impl Sfu {
-    /// Creates the media plane, starting its media threads; call it within a tokio runtime.
+    /// Creates the media plane, starting its media threads (with `media_threads: 0`, call it
+    /// within the tokio runtime media should use).
     pub fn new(config: SfuConfig, metrics: Metrics) -> std::io::Result<Self> {
         let mint = Arc::new(ids::IdMint::new());
         let media_threads = Arc::new(MediaThreads::start(config.media_threads)?);

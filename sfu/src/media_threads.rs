@@ -57,9 +57,12 @@ impl MediaThreads {
     /// (tokio's multi-threaded scheduler, if that is what the caller uses).
     pub(crate) fn start(count: usize) -> std::io::Result<Self> {
         if count == 0 {
+            let handle = Handle::try_current().map_err(|_| {
+                std::io::Error::other("media on the caller's runtime, but there is none")
+            })?;
             return Ok(Self {
                 threads: vec![Arc::new(MediaThread {
-                    handle: Handle::current(),
+                    handle,
                     rooms: AtomicUsize::new(0),
                 })],
                 _stop: Vec::new(),
@@ -145,6 +148,11 @@ mod tests {
             name.as_deref().is_some_and(|n| n.starts_with("sfu-media-")),
             "{name:?}"
         );
+    }
+
+    #[test]
+    fn zero_threads_outside_a_runtime_is_an_error_not_a_panic() {
+        assert!(MediaThreads::start(0).is_err());
     }
 
     #[tokio::test]
