@@ -675,6 +675,43 @@ mod tests {
         assert_eq!(reported_ssrcs(&unreported.strip(report(&[100]))), vec![100]);
     }
 
+    /// What a publisher connection's tap lets through of `packets` on their way out.
+    fn written_by_publisher_tap(
+        tap: &mut SfuTap,
+        packets: Vec<Box<dyn rtc::rtcp::Packet>>,
+    ) -> Option<Vec<u32>> {
+        tap.handle_write(TaggedPacket {
+            now: Instant::now(),
+            transport: Default::default(),
+            message: Packet::Rtcp(packets).into(),
+        })
+        .unwrap();
+        tap.poll_write().map(|out| match out.message.packet {
+            Packet::Rtcp(packets) => reported_ssrcs(&packets),
+            _ => panic!("RTCP in, something else out"),
+        })
+    }
+
+    #[test]
+    fn a_report_about_layers_only_is_not_sent_at_all() {
+        let mut unreported = UnreportedLayers::default();
+        unreported.bind(&video_stream(100));
+        unreported.observe(&packet(100, Some("q")));
+        let mut tap = SfuTap {
+            metrics: Metrics::new(&prometheus::Registry::new()).unwrap(),
+            unreported: Some(unreported),
+            read_queue: VecDeque::new(),
+            write_queue: VecDeque::new(),
+        };
+        assert_eq!(written_by_publisher_tap(&mut tap, report(&[100])), None);
+        assert_eq!(
+            written_by_publisher_tap(&mut tap, report(&[100, 300])),
+            Some(vec![300])
+        );
+        // An empty compound it was given (an attribute carrier) passes on.
+        assert_eq!(written_by_publisher_tap(&mut tap, Vec::new()), Some(vec![]));
+    }
+
     #[test]
     fn ports_are_leased_once_and_come_back_on_drop() {
         let pool = Arc::new(PortPool::new(40_000, 40_001));
