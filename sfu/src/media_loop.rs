@@ -250,6 +250,8 @@ struct MediaLoop {
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     dirty: Vec<ConnKey>,
     receive_buffer: BytesMut,
+    /// The socket to look at first for datagrams.
+    next_socket: usize,
     /// Reused between services so draining a connection allocates nothing.
     scratch_reads: Vec<RTCMessage>,
     scratch_events: Vec<RTCPeerConnectionEvent>,
@@ -284,6 +286,7 @@ impl MediaLoop {
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             receive_buffer: BytesMut::new(),
+            next_socket: 0,
             scratch_reads: Vec::new(),
             scratch_events: Vec::new(),
         }
@@ -294,9 +297,12 @@ impl MediaLoop {
             let deadline = self.timers.peek().map(|Reverse((at, _, _))| *at);
             let wake = {
                 let sockets = &self.sockets;
+                // Starting after the socket read last, so one busy socket cannot starve another.
+                let first = self.next_socket;
                 let readable = std::future::poll_fn(|cx| {
-                    for (index, socket) in sockets.iter().enumerate() {
-                        if socket.udp.poll_recv_ready(cx).is_ready() {
+                    for offset in 0..sockets.len() {
+                        let index = (first + offset) % sockets.len();
+                        if sockets[index].udp.poll_recv_ready(cx).is_ready() {
                             return Poll::Ready(index);
                         }
                     }
@@ -312,9 +318,15 @@ impl MediaLoop {
             match wake {
                 Wake::Command(Some(command)) => self.command(command),
                 Wake::Command(None) => break,
-                Wake::Readable(index) => self.receive(index),
-                Wake::Timer => self.fire_timers(),
+                Wake::Readable(index) => {
+                    self.next_socket = (index + 1) % self.sockets.len();
+                    self.receive(index);
+                }
+                Wake::Timer => {}
             }
+            // Whatever woke the loop: under a steady stream of datagrams the socket is always
+            // ready, and the timers (feedback, reports, keepalives) must still run on time.
+            self.fire_timers();
             self.service_dirty();
         }
         let keys: Vec<ConnKey> = self
@@ -430,7 +442,10 @@ impl MediaLoop {
         mark_dirty(&mut self.conns, &mut self.dirty, key);
     }
 
-    /// Reads what is waiting on socket `index` and feeds each datagram to its connection.
+    /// Reads what is waiting on socket `index` and feeds each datagram to its connection, all
+    /// of them before acting on any: each is stamped when it was read, so the time spent
+    /// forwarding one packet does not look like network delay on the next one to the
+    /// transport-wide congestion feedback browsers estimate their uplink from.
     fn receive(&mut self, index: usize) {
         for _ in 0..MAX_READS_PER_WAKE {
             self.receive_buffer.reserve(DATAGRAM_ROOM);
@@ -439,8 +454,7 @@ impl MediaLoop {
                 Ok((_, from)) => {
                     let datagram = self.receive_buffer.split();
                     let local = socket.local;
-                    self.input(local, from, datagram);
-                    self.service_dirty();
+                    self.input(local, from, datagram, Instant::now());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -453,7 +467,7 @@ impl MediaLoop {
 
     /// Hands one datagram to the connection it belongs to: by its address pair once known,
     /// else (a STUN check from a new address) by the ufrag it names.
-    fn input(&mut self, local: SocketAddr, from: SocketAddr, datagram: BytesMut) {
+    fn input(&mut self, local: SocketAddr, from: SocketAddr, datagram: BytesMut, now: Instant) {
         let routed = self
             .by_route
             .get(&(local, from))
@@ -473,7 +487,6 @@ impl MediaLoop {
                 key
             }
         };
-        let now = Instant::now();
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
@@ -497,9 +510,18 @@ impl MediaLoop {
         let Some(conn) = self.conn_mut(key) else {
             return;
         };
-        if conn.routes.len() >= MAX_ROUTES_PER_CONNECTION || conn.routes.contains(&route) {
+        if conn.routes.contains(&route) || conn.routes.len() >= MAX_ROUTES_PER_CONNECTION {
             return;
         }
+        // An address another connection already uses stays theirs.
+        if let Some(owner) = self.by_route.get(&route).copied() {
+            if owner != key && self.conn_mut(owner).is_some() {
+                return;
+            }
+        }
+        let Some(conn) = self.conn_mut(key) else {
+            return;
+        };
         conn.routes.push(route);
         self.by_route.insert(route, key);
     }
@@ -601,7 +623,11 @@ impl MediaLoop {
             .sockets
             .iter()
             .find(|s| s.local == local_addr)
-            .or_else(|| self.sockets.iter().find(|s| s.local.is_ipv4() == peer_addr.is_ipv4()))
+            .or_else(|| {
+                self.sockets
+                    .iter()
+                    .find(|s| s.local.is_ipv4() == peer_addr.is_ipv4())
+            })
         else {
             return;
         };
@@ -615,9 +641,7 @@ impl MediaLoop {
             Err(e) => tracing::trace!(error = %e, %peer_addr, "media send failed"),
         }
         // Replies to our own checks come from where we sent them: route them back here.
-        if !self.by_route.contains_key(&(local, peer_addr)) {
-            self.add_route(key, (local, peer_addr));
-        }
+        self.add_route(key, (local, peer_addr));
     }
 
     fn event(&mut self, key: ConnKey, event: RTCPeerConnectionEvent) {
@@ -653,7 +677,8 @@ impl MediaLoop {
         }
         if let Some(fanout) = conn.tracks.get(&init.track_id).copied() {
             if let Some(slot) = self.fanout_slot(fanout) {
-                slot.fanout.add_layer(init.ssrc, init.rid.clone(), Instant::now());
+                slot.fanout
+                    .add_layer(init.ssrc, init.rid.clone(), Instant::now());
             }
             return;
         }

@@ -11,6 +11,8 @@ use rtc::peer_connection::configuration::interceptor_registry::{
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
@@ -24,8 +26,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
-use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 
 /// RFC 6464 audio level: kept on forwarded audio so receivers (and the SFU's active-speaker
 /// detection) see who is talking.
@@ -140,7 +140,10 @@ impl PeerFactory {
             return Err(TransportError::Setup("no address to bind media to".into()));
         }
         // A port may be taken by another process: try others before giving up.
-        let attempts = self.ports.as_ref().map_or(8, |pool| pool.available().max(1));
+        let attempts = self
+            .ports
+            .as_ref()
+            .map_or(8, |pool| pool.available().max(1));
         let mut last_error = TransportError::NoFreePort;
         for _ in 0..attempts {
             let lease = match &self.ports {
@@ -167,8 +170,7 @@ impl PeerFactory {
             match failed {
                 None => return Ok((sockets, lease)),
                 Some(e) => {
-                    last_error =
-                        TransportError::Setup(format!("media port {port} not bound: {e}"));
+                    last_error = TransportError::Setup(format!("media port {port} not bound: {e}"));
                 }
             }
         }
