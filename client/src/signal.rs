@@ -21,6 +21,14 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// algorithm each after the first would wait for the server's delayed ACK (~40 ms).
 const NO_NAGLE: bool = true;
 
+/// tungstenite zero-fills its read buffer before every read attempt; at the 128 KiB default
+/// that is most of what an idle signaling socket costs a load tester with hundreds of peers.
+fn socket_config() -> Option<tokio_tungstenite::tungstenite::protocol::WebSocketConfig> {
+    Some(
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096),
+    )
+}
+
 /// One frame as it came off the socket, for tests that look below the JSON layer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
@@ -72,7 +80,7 @@ impl SignalClient {
     /// Opens `url` (e.g. `ws://127.0.0.1:8080/ws`).
     pub async fn connect(url: &str) -> Result<SignalClient> {
         let (ws, _response) =
-            tokio_tungstenite::connect_async_with_config(url, None, NO_NAGLE).await?;
+            tokio_tungstenite::connect_async_with_config(url, socket_config(), NO_NAGLE).await?;
         Ok(SignalClient::from_socket(ws))
     }
 
@@ -89,7 +97,8 @@ impl SignalClient {
             .headers_mut()
             .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(protocol));
         let (ws, _response) =
-            tokio_tungstenite::connect_async_with_config(request, None, NO_NAGLE).await?;
+            tokio_tungstenite::connect_async_with_config(request, socket_config(), NO_NAGLE)
+                .await?;
         Ok(SignalClient::from_socket(ws))
     }
 

@@ -214,8 +214,20 @@ struct Conn {
     tracks: HashMap<String, FanoutKey>,
     /// The earliest instant this connection has in the timer heap.
     scheduled: Option<Instant>,
-    /// Queued for `service` (at most once).
-    dirty: bool,
+    /// What the connection needs before the loop sleeps; queued once in `MediaLoop::dirty`.
+    dirty: Dirt,
+}
+
+/// Why a connection is queued for service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Dirt {
+    Clean,
+    /// Only media was written to it: its datagrams are to be sent. Most common by far (every
+    /// forwarded packet makes each subscriber's connection this), and the cheapest: nothing
+    /// can have come out of it but datagrams.
+    Written,
+    /// It had input, a timer or a call: its events and reads are to be drained too.
+    Touched,
 }
 
 struct FanoutSlot {
@@ -403,7 +415,7 @@ impl MediaLoop {
             routes: Vec::new(),
             tracks: HashMap::new(),
             scheduled: None,
-            dirty: false,
+            dirty: Dirt::Clean,
         });
         let key = ConnKey { index, generation };
         self.by_ufrag.insert(ufrag, key);
@@ -439,7 +451,7 @@ impl MediaLoop {
     }
 
     fn mark_dirty(&mut self, key: ConnKey) {
-        mark_dirty(&mut self.conns, &mut self.dirty, key);
+        mark_dirty(&mut self.conns, &mut self.dirty, key, Dirt::Touched);
     }
 
     /// Reads what is waiting on socket `index` and feeds each datagram to its connection, all
@@ -555,8 +567,11 @@ impl MediaLoop {
     fn service_dirty(&mut self) {
         while let Some(key) = self.dirty.pop() {
             if let Some(conn) = self.conn_mut(key) {
-                conn.dirty = false;
-                self.service(key);
+                match std::mem::replace(&mut conn.dirty, Dirt::Clean) {
+                    Dirt::Touched => self.service(key),
+                    Dirt::Written => self.flush(key),
+                    Dirt::Clean => {}
+                }
             }
         }
     }
@@ -816,15 +831,15 @@ impl MediaLoop {
     }
 }
 
-fn mark_dirty(conns: &mut Slab<Conn>, dirty: &mut Vec<ConnKey>, key: ConnKey) {
+fn mark_dirty(conns: &mut Slab<Conn>, dirty: &mut Vec<ConnKey>, key: ConnKey, why: Dirt) {
     if let Some(conn) = conns
         .get_mut(key.index)
         .filter(|c| c.generation == key.generation)
     {
-        if !conn.dirty {
-            conn.dirty = true;
+        if conn.dirty == Dirt::Clean {
             dirty.push(key);
         }
+        conn.dirty = conn.dirty.max(why);
     }
 }
 
@@ -854,7 +869,7 @@ impl MediaIo for LoopIo<'_> {
         };
         match rtp_sender.write_rtp(self.now, packet) {
             Ok(()) => {
-                mark_dirty(self.conns, self.dirty, conn);
+                mark_dirty(self.conns, self.dirty, conn, Dirt::Written);
                 fanout::Offer::Accepted
             }
             Err(e) => {
@@ -882,7 +897,7 @@ impl MediaIo for LoopIo<'_> {
         if let Err(e) = receiver.write_rtcp(self.now, vec![Box::new(pli)]) {
             tracing::debug!(error = %e, "keyframe request not sent");
         }
-        mark_dirty(self.conns, self.dirty, publisher.conn);
+        mark_dirty(self.conns, self.dirty, publisher.conn, Dirt::Written);
     }
 }
 

@@ -132,6 +132,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Bytes read from a signaling socket at once.
+const SIGNALING_READ_BUFFER: usize = 4096;
+
 async fn websocket(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -162,6 +165,10 @@ async fn websocket(
     upgrade
         .max_message_size(read_limit)
         .max_frame_size(read_limit)
+        // tungstenite zero-fills this much before every read attempt, even one that finds
+        // nothing; at its 128 KiB default that was 8% of the server's CPU at 200 sessions
+        // (docs/benchmarks.md). Signaling messages are small, and bigger ones take more reads.
+        .read_buffer_size(SIGNALING_READ_BUFFER)
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
                 session::run(socket, state).await;
