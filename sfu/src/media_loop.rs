@@ -581,10 +581,7 @@ impl MediaLoop {
     fn service(&mut self, key: ConnKey) {
         let mut events = std::mem::take(&mut self.scratch_events);
         let mut reads = std::mem::take(&mut self.scratch_reads);
-        loop {
-            let Some(conn) = self.conn_mut(key) else {
-                break;
-            };
+        while let Some(conn) = self.conn_mut(key) {
             while let Some(event) = conn.pc.poll_event() {
                 events.push(event);
             }
