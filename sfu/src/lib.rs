@@ -14,6 +14,7 @@ pub mod simulcast;
 pub mod speakers;
 pub mod transport;
 
+mod arrival;
 mod media_loop;
 mod media_threads;
 mod participant;

@@ -336,8 +336,11 @@ impl MediaLoop {
                 }
                 Wake::Timer => {}
             }
-            // Whatever woke the loop: under a steady stream of datagrams the socket is always
-            // ready, and the timers (feedback, reports, keepalives) must still run on time.
+            // What was read is acted on first, so reports and feedback built by the timers
+            // include it. Then the timers, whatever woke the loop: under a steady stream of
+            // datagrams the socket is always ready, and feedback, reports and keepalives must
+            // still go out on time.
+            self.service_dirty();
             self.fire_timers();
             self.service_dirty();
         }
@@ -455,18 +458,19 @@ impl MediaLoop {
     }
 
     /// Reads what is waiting on socket `index` and feeds each datagram to its connection, all
-    /// of them before acting on any: each is stamped when it was read, so the time spent
-    /// forwarding one packet does not look like network delay on the next one to the
-    /// transport-wide congestion feedback browsers estimate their uplink from.
+    /// of them before acting on any, each with the instant the kernel received it: the
+    /// transport-wide congestion feedback browsers estimate their uplink from is built from
+    /// those instants, and the time the loop spends forwarding must not look like network
+    /// delay (`arrival`).
     fn receive(&mut self, index: usize) {
         for _ in 0..MAX_READS_PER_WAKE {
             self.receive_buffer.reserve(DATAGRAM_ROOM);
             let socket = &self.sockets[index];
-            match socket.udp.try_recv_buf_from(&mut self.receive_buffer) {
-                Ok((_, from)) => {
+            match crate::arrival::recv(&socket.udp, &mut self.receive_buffer) {
+                Ok((from, arrived)) => {
                     let datagram = self.receive_buffer.split();
                     let local = socket.local;
-                    self.input(local, from, datagram, Instant::now());
+                    self.input(local, from, datagram, arrived);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {

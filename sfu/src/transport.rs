@@ -256,6 +256,10 @@ fn bind_media_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     // Best effort: the kernel caps these, and a smaller buffer still works.
     let _ = socket.set_recv_buffer_size(MEDIA_SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(MEDIA_SOCKET_BUFFER);
+    // Without kernel arrival times the read instant stands in (see `arrival`).
+    if let Err(e) = crate::arrival::enable(&socket) {
+        tracing::warn!(error = %e, "media socket without kernel arrival times");
+    }
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
