@@ -479,8 +479,8 @@ impl UnreportedLayers {
     }
 
     /// `packets` without report blocks about a layer; a receiver report left with none goes.
-    /// A compound packet left empty is an attribute carrier that webrtc-rs drops unsent (as it
-    /// does those it was given empty, which pass through unchanged).
+    /// The caller drops a compound left empty; one it was given empty (an attribute carrier)
+    /// passes through unchanged.
     fn strip(&self, packets: Vec<Box<dyn rtc::rtcp::Packet>>) -> Vec<Box<dyn rtc::rtcp::Packet>> {
         if self.layers.is_empty() {
             return packets;
@@ -551,7 +551,14 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SfuTap {
             }
             Packet::Rtcp(packets) => {
                 if let Some(unreported) = &self.unreported {
+                    let had_packets = !packets.is_empty();
                     *packets = unreported.strip(std::mem::take(packets));
+                    if had_packets && packets.is_empty() {
+                        // Only layer reports were in it: nothing is left to send (passed on
+                        // empty, the SRTP handler drops it with a warning, once a second per
+                        // layer).
+                        return Ok(());
+                    }
                 }
             }
             _ => {}
