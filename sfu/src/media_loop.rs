@@ -343,6 +343,10 @@ impl MediaLoop {
             self.service_dirty();
             self.fire_timers();
             self.service_dirty();
+            // The rooms' participant and room tasks share this thread. Without a yield they
+            // would run only when tokio's cooperative budget ran out, after many passes: under
+            // load a negotiation step or a quality change then waited for seconds.
+            tokio::task::yield_now().await;
         }
         let keys: Vec<ConnKey> = self
             .conns
