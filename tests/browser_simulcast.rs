@@ -25,7 +25,7 @@ use call_page::{
     Person, Result, FRAMES_THAT_PROVE_MOTION, WAIT,
 };
 use cdp::Browser;
-use common::start_server;
+use common::{http_get, start_server};
 use signaling::Server;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -67,10 +67,12 @@ async fn simulcast_layers_follow_what_each_tile_needs() {
     let outcome = simulcast_call(&browser, &server).await;
     if let Err(e) = outcome {
         let screenshots = browser.screenshot_every_page(&failure_dir()).await;
+        let forwarding = forwarding_report(&server).await;
         let stderr = browser.stderr_tail();
         browser.close().await;
         panic!(
-            "{e}\n--- what each page showed ---\n{screenshots}\n\
+            "{e}\n--- what the server forwarded and dropped ---\n{forwarding}\n\
+             --- what each page showed ---\n{screenshots}\n\
              --- Chromium's last stderr lines ---\n{stderr}"
         );
     }
@@ -254,7 +256,7 @@ async fn decodes_within(
     let wait = within.saturating_sub(since.elapsed());
     let entry = match viewer.page.wait_for(&condition, wait, &what).await {
         Ok(entry) => entry,
-        Err(e) => return fail(format!("{e}\n{}", publisher_report(sender).await)),
+        Err(e) => return fail(frozen(e, viewer, sender).await),
     };
     let took = since.elapsed();
     let width = entry["frameWidth"].as_u64().unwrap_or_default();
@@ -273,9 +275,34 @@ async fn decodes_within(
         )
         .await;
     if let Err(e) = moving {
-        return fail(format!("{e}\n{}", publisher_report(sender).await));
+        return fail(frozen(e, viewer, sender).await);
     }
     Ok((width, took))
+}
+
+/// Why `sender`'s camera may look frozen on `viewer`'s page: what the viewer receives and
+/// decodes (loss, its repair, keyframes) and what the sender encodes, each twice a second apart.
+async fn frozen(error: impl std::fmt::Display, viewer: &Person, sender: &Person) -> String {
+    let mut lines = vec![error.to_string()];
+    for _ in 0..2 {
+        let condition = stats_entry(sender, "camera", 0).replace("s.framesDecoded > 0", "true");
+        lines.push(match viewer.page.eval(&condition).await {
+            Ok(entry) => format!("{} receives {entry}", viewer.name()),
+            Err(e) => format!("{}'s receive stats: {e}", viewer.name()),
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    lines.push(publisher_report(sender).await);
+    lines.join("\n")
+}
+
+/// The server's forwarding counters (packets in, out and dropped by reason), from `/metrics`.
+async fn forwarding_report(server: &Server) -> String {
+    let body = http_get(server, "/metrics").await;
+    body.lines()
+        .filter(|line| line.starts_with("sfu_") && !line.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// What `publisher` encodes, twice a second apart: tells a frozen picture whose encoder
@@ -454,12 +481,14 @@ async fn camera_survives_a_screen_share(sharer: &Person, viewers: &[&Person]) ->
 async fn keeps_decoding(viewer: &Person, sender: &Person, when: &str) -> Result<()> {
     match wait_for_moving_video(viewer, sender, "camera").await {
         Ok(_) => Ok(()),
-        Err(e) => fail(format!(
-            "{}'s camera froze on {}'s page {when}: {e}\n{}",
-            sender.name(),
-            viewer.name(),
-            publisher_report(sender).await
-        )),
+        Err(e) => {
+            let e = format!(
+                "{}'s camera froze on {}'s page {when}: {e}",
+                sender.name(),
+                viewer.name()
+            );
+            fail(frozen(e, viewer, sender).await)
+        }
     }
 }
 

@@ -596,6 +596,17 @@ async function remoteVideoStats() {
       framesDecoded: entry?.framesDecoded ?? 0,
       frameWidth: entry?.frameWidth ?? 0,
       frameHeight: entry?.frameHeight ?? 0,
+      // What a frozen tile's cause shows up in: loss and its repair, keyframes asked for and got.
+      framesReceived: entry?.framesReceived ?? 0,
+      framesDropped: entry?.framesDropped ?? 0,
+      keyFramesDecoded: entry?.keyFramesDecoded ?? 0,
+      packetsReceived: entry?.packetsReceived ?? 0,
+      packetsLost: entry?.packetsLost ?? 0,
+      nackCount: entry?.nackCount ?? 0,
+      pliCount: entry?.pliCount ?? 0,
+      freezeCount: entry?.freezeCount ?? 0,
+      jitterBufferDelay: entry?.jitterBufferDelay ?? 0,
+      jitterBufferEmittedCount: entry?.jitterBufferEmittedCount ?? 0,
       wantedQuality: wantedByKey.get(spec.key) ?? null,
       quality: spec.trackId !== null && current ? current.qualityOf(spec.trackId) : null,
     };
