@@ -170,7 +170,7 @@ async fn wait_for_layer(
 
 /// The switch from layer `from` to `to` (after the first `before` switches) started on a
 /// keyframe of the new size and continued the stream: the next sequence number (any number
-/// skipped was lost and arrived later, repaired), a later timestamp.
+/// skipped was lost and arrived later, repaired), a later timestamp, the next picture id.
 fn check_switch(stats: &TrackStats, before: usize, from: (u8, (u16, u16)), to: (u8, (u16, u16))) {
     let switches = &stats.layer_switches[before..];
     let switch = switches
@@ -186,6 +186,14 @@ fn check_switch(stats: &TrackStats, before: usize, from: (u8, (u16, u16)), to: (
     assert!(
         switch.timestamp_step > 0,
         "the timestamp did not move forward at the switch: {switch:?}"
+    );
+    // Each layer numbers its pictures from its own start; a browser's decoder drops the new
+    // layer's frames as old ones unless the numbering runs on.
+    assert!(
+        switch
+            .picture_id_step
+            .is_some_and(|step| step >= 1 && u64::from(step) - 1 <= stats.seq_late),
+        "the VP8 picture id did not continue at the switch: {switch:?}"
     );
     assert_eq!(
         stats.timestamp_regressions, 0,

@@ -13,7 +13,7 @@ use rtc::rtp::Packet;
 use rtc::shared::marshal::Marshal;
 use rtc::srtp::context::Context;
 use rtc::srtp::protection_profile::ProtectionProfile;
-use sfu::codec::Codec;
+use sfu::codec::{Codec, PictureNumbering};
 use sfu::forwarder::{Decision, Forwarder, PacketMeta};
 use sfu::rewrite::Binding;
 use sfu::transport::AUDIO_LEVEL_URI;
@@ -197,6 +197,15 @@ struct Subscriber {
     srtp: Context,
 }
 
+/// The payload a subscriber gets, as the server's fan-out builds it: shared, or a copy with the
+/// subscriber's own picture numbers after a layer switch.
+fn payload_for(codec: Codec, packet: &Packet, numbering: Option<&PictureNumbering>) -> Bytes {
+    match numbering {
+        None => packet.payload.clone(),
+        Some(numbering) => codec.renumbered(&packet.payload, numbering),
+    }
+}
+
 /// One published track fanned out to N subscribers.
 pub struct FanoutPath {
     codec: Codec,
@@ -239,7 +248,11 @@ impl FanoutPath {
             Stage::Decide | Stage::Rewrite => {
                 let meta = self.meta(packet);
                 for s in &mut self.subscribers {
-                    let Decision::Forward { seq, timestamp } = s.forwarder.decide(&meta, now)
+                    let Decision::Forward {
+                        seq,
+                        timestamp,
+                        numbering,
+                    } = s.forwarder.decide(&meta, now)
                     else {
                         continue;
                     };
@@ -247,7 +260,7 @@ impl FanoutPath {
                     if stage == Stage::Rewrite {
                         let forwarded = Packet {
                             header: s.binding.rewrite(&packet.header, seq, timestamp),
-                            payload: packet.payload.clone(),
+                            payload: payload_for(self.codec, packet, numbering.as_ref()),
                         };
                         out.bytes += std::hint::black_box(&forwarded).header.extensions.len() + 12;
                     }
@@ -275,12 +288,17 @@ impl FanoutPath {
     ) {
         let meta = self.meta(packet);
         for (index, s) in self.subscribers.iter_mut().enumerate() {
-            let Decision::Forward { seq, timestamp } = s.forwarder.decide(&meta, now) else {
+            let Decision::Forward {
+                seq,
+                timestamp,
+                numbering,
+            } = s.forwarder.decide(&meta, now)
+            else {
                 continue;
             };
             let forwarded = Packet {
                 header: s.binding.rewrite(&packet.header, seq, timestamp),
-                payload: packet.payload.clone(),
+                payload: payload_for(self.codec, packet, numbering.as_ref()),
             };
             let plain = forwarded.marshal().expect("a rewritten header marshals");
             if protect {
@@ -301,6 +319,7 @@ impl FanoutPath {
             timestamp: packet.header.timestamp,
             keyframe_start: self.codec.needs_keyframe()
                 && self.codec.is_keyframe_start(&packet.payload),
+            numbering: self.codec.picture_numbering(&packet.payload),
         }
     }
 }

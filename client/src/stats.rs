@@ -10,7 +10,9 @@ use std::time::Instant;
 use signaling::protocol::TrackKind;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
-use crate::media::{parse_probe, probe_layer, vp8_is_keyframe, vp8_keyframe_size};
+use crate::media::{
+    parse_probe, parse_vp8_descriptor, probe_layer, vp8_is_keyframe, vp8_keyframe_size,
+};
 
 /// A received track: (publisher `participant_id`, server `track_id`), i.e. its msid.
 pub type TrackKey = (String, String);
@@ -114,6 +116,9 @@ pub struct LayerSwitch {
     /// Its RTP timestamp minus the previous packet's, in clock units: positive when the
     /// timeline moved forward.
     pub timestamp_step: i64,
+    /// Its VP8 picture id minus the previous packet's (modulo 2^15): 1 when the pictures'
+    /// numbering continued, as a browser's decoder needs. `None` without picture ids.
+    pub picture_id_step: Option<u16>,
 }
 
 impl TrackStats {
@@ -478,6 +483,8 @@ struct TrackRecord {
     jitter: JitterEstimator,
     /// Extended sequence number and RTP timestamp of the newest in-order packet.
     last_in_order: Option<(u64, u32)>,
+    /// Video: the VP8 picture id of the newest in-order packet that had one.
+    last_picture_id: Option<u16>,
 }
 
 /// RFC 3550 §6.4.1 interarrival jitter: the smoothed absolute difference between how far
@@ -526,6 +533,7 @@ impl TrackRecord {
             read_probes,
             jitter: JitterEstimator::default(),
             last_in_order: None,
+            last_picture_id: None,
         }
     }
 
@@ -555,6 +563,7 @@ impl TrackRecord {
             self.seq = SeqWindow::default();
             self.jitter = JitterEstimator::default();
             self.last_in_order = None;
+            self.last_picture_id = None;
         }
         let clock_rate = match s.kind {
             Some(TrackKind::Audio) => crate::media::AUDIO_CLOCK_RATE,
@@ -608,6 +617,17 @@ impl TrackRecord {
         };
         let timestamp_step =
             previous.map(|(_, ts)| i64::from(header.timestamp.wrapping_sub(ts) as i32));
+        let picture_id = is_video
+            .then(|| parse_vp8_descriptor(&packet.payload))
+            .flatten()
+            .and_then(|d| d.picture_id);
+        let picture_id_step = match (in_order, picture_id) {
+            (true, Some(id)) => self
+                .last_picture_id
+                .replace(id)
+                .map(|last| id.wrapping_sub(last) & 0x7fff),
+            _ => None,
+        };
         if timestamp_step.is_some_and(|step| step < 0) {
             s.timestamp_regressions += 1;
         }
@@ -639,6 +659,7 @@ impl TrackRecord {
                         frame_size: keyframe_size,
                         seq_step: previous.map_or(0, |(seq, _)| ext - seq),
                         timestamp_step: timestamp_step.unwrap_or(0),
+                        picture_id_step,
                     });
                     // Each layer has its own counter: loss is counted per layer.
                     if let (Some(first), Some(last)) = (s.probe_first, s.probe_last) {

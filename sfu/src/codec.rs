@@ -1,5 +1,9 @@
-//! Codec knowledge the forwarder needs and nothing more: which codec a MIME type names, and
-//! whether an RTP payload starts a keyframe (a subscriber may only start, or switch, there).
+//! Codec knowledge the forwarder needs and nothing more: which codec a MIME type names,
+//! whether an RTP payload starts a keyframe (a subscriber may only start, or switch, there),
+//! and the picture numbers in VP8 and VP9 payload descriptors (kept continuous per subscriber
+//! across simulcast switches).
+
+use bytes::{Bytes, BytesMut};
 
 /// The codecs the SFU forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +51,166 @@ impl Codec {
             Codec::Opus | Codec::Other => false,
         }
     }
+
+    /// The picture numbers this payload carries, for codecs whose receivers order frames by them.
+    pub fn picture_numbering(self, payload: &[u8]) -> Option<PictureNumbering> {
+        let fields = match self {
+            Codec::Vp8 => vp8_numbering_fields(payload)?,
+            Codec::Vp9 => vp9_numbering_fields(payload)?,
+            _ => return None,
+        };
+        Some(fields.read(payload))
+    }
+
+    /// A copy of `payload` carrying a subscriber's own picture numbers. Only subscribers that
+    /// have switched layers need one; the others share the publisher's payload.
+    pub fn renumbered(self, payload: &Bytes, numbering: &PictureNumbering) -> Bytes {
+        let mut copy = BytesMut::from(&payload[..]);
+        self.write_picture_numbering(&mut copy, numbering);
+        copy.freeze()
+    }
+
+    /// Writes `numbering` into `payload`, a payload of this codec whose descriptor carries the
+    /// same fields (any it lacks are left alone).
+    pub fn write_picture_numbering(self, payload: &mut [u8], numbering: &PictureNumbering) {
+        let fields = match self {
+            Codec::Vp8 => vp8_numbering_fields(payload),
+            Codec::Vp9 => vp9_numbering_fields(payload),
+            _ => None,
+        };
+        if let Some(fields) = fields {
+            fields.write(payload, numbering);
+        }
+    }
+}
+
+/// The picture numbers of a VP8 (RFC 7741) or VP9 (RFC 9628) payload descriptor. Each
+/// simulcast layer numbers its own pictures, and a browser's reference finder keys frames by
+/// these numbers: a subscriber switched from one layer to another must see them continue, or
+/// it discards the new layer's frames as old ones (a frozen tile, with packets arriving) until
+/// their numbers pass the old layer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PictureNumbering {
+    /// PictureID, as wide as the publisher sends it.
+    pub picture_id: Option<PictureId>,
+    /// TL0PICIDX: the running index of base temporal layer pictures.
+    pub tl0_pic_idx: Option<u8>,
+    /// VP8's KEYIDX (5 bits): the running index of temporal layer sync points.
+    pub key_idx: Option<u8>,
+}
+
+/// A PictureID: 7 bits, or 15 when the descriptor's M bit is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PictureId {
+    /// The value, below 2^7 or 2^15.
+    pub value: u16,
+    /// 15 bits wide.
+    pub long: bool,
+}
+
+impl PictureId {
+    /// The largest value plus one: numbers wrap there.
+    pub fn modulus(self) -> u16 {
+        if self.long {
+            1 << 15
+        } else {
+            1 << 7
+        }
+    }
+}
+
+/// Where a descriptor keeps its picture numbers: byte offsets into the payload.
+#[derive(Debug, Clone, Copy, Default)]
+struct NumberingFields {
+    /// Offset of the PictureID and whether it takes two bytes.
+    picture_id: Option<(usize, bool)>,
+    tl0_pic_idx: Option<usize>,
+    key_idx: Option<usize>,
+}
+
+impl NumberingFields {
+    fn read(&self, payload: &[u8]) -> PictureNumbering {
+        PictureNumbering {
+            picture_id: self.picture_id.map(|(at, long)| PictureId {
+                value: if long {
+                    u16::from_be_bytes([payload[at] & 0x7f, payload[at + 1]])
+                } else {
+                    u16::from(payload[at] & 0x7f)
+                },
+                long,
+            }),
+            tl0_pic_idx: self.tl0_pic_idx.map(|at| payload[at]),
+            key_idx: self.key_idx.map(|at| payload[at] & 0x1f),
+        }
+    }
+
+    fn write(&self, payload: &mut [u8], numbering: &PictureNumbering) {
+        if let (Some((at, long)), Some(id)) = (self.picture_id, numbering.picture_id) {
+            if long {
+                let value = id.value & 0x7fff;
+                payload[at] = 0x80 | (value >> 8) as u8;
+                payload[at + 1] = value as u8;
+            } else {
+                payload[at] = (id.value & 0x7f) as u8;
+            }
+        }
+        if let (Some(at), Some(tl0)) = (self.tl0_pic_idx, numbering.tl0_pic_idx) {
+            payload[at] = tl0;
+        }
+        if let (Some(at), Some(key_idx)) = (self.key_idx, numbering.key_idx) {
+            payload[at] = (payload[at] & 0xe0) | (key_idx & 0x1f);
+        }
+    }
+}
+
+/// RFC 7741 §4.2: X, then I (PictureID, M for 15 bits), L (TL0PICIDX), T/K (TID|Y|KEYIDX).
+fn vp8_numbering_fields(payload: &[u8]) -> Option<NumberingFields> {
+    let mut fields = NumberingFields::default();
+    if payload.first()? & 0x80 == 0 {
+        return Some(fields);
+    }
+    let ext = *payload.get(1)?;
+    let mut offset = 2;
+    if ext & 0x80 != 0 {
+        let long = payload.get(offset)? & 0x80 != 0;
+        fields.picture_id = Some((offset, long));
+        offset += if long { 2 } else { 1 };
+    }
+    if ext & 0x40 != 0 {
+        fields.tl0_pic_idx = Some(offset);
+        offset += 1;
+    }
+    if ext & 0x30 != 0 {
+        if ext & 0x10 != 0 {
+            fields.key_idx = Some(offset);
+        }
+        offset += 1;
+    }
+    // Every field read or written lies inside the payload.
+    (offset <= payload.len()).then_some(fields)
+}
+
+/// RFC 9628 §4.2: I (PictureID, M for 15 bits), then with L the layer indices, followed in
+/// non-flexible mode (F=0) by TL0PICIDX.
+fn vp9_numbering_fields(payload: &[u8]) -> Option<NumberingFields> {
+    let first = *payload.first()?;
+    let mut fields = NumberingFields::default();
+    let mut offset = 1;
+    if first & 0x80 != 0 {
+        let long = payload.get(offset)? & 0x80 != 0;
+        fields.picture_id = Some((offset, long));
+        offset += if long { 2 } else { 1 };
+    }
+    let layer_indices = first & 0x20 != 0;
+    let flexible = first & 0x10 != 0;
+    if layer_indices {
+        offset += 1;
+        if !flexible {
+            fields.tl0_pic_idx = Some(offset);
+            offset += 1;
+        }
+    }
+    (offset <= payload.len()).then_some(fields)
 }
 
 /// RFC 7741: the payload descriptor, then, on the partition's first packet, the VP8 frame tag
@@ -174,6 +338,101 @@ mod tests {
         // Truncated descriptors never panic and are not keyframes.
         assert!(!Codec::Vp8.is_keyframe_start(&[0x90, 0xf0, 0x81]));
         assert!(!Codec::Vp8.is_keyframe_start(&[]));
+    }
+
+    #[test]
+    fn vp8_picture_numbers_are_read_and_written_in_place() {
+        // X=1 with I (15-bit picture id 0x1234), L (TL0PICIDX 0x05), T/K (TID 1, Y, KEYIDX 9).
+        let mut payload = [0x90, 0xf0, 0x92, 0x34, 0x05, 0x69, 0x9d, 0x01, 0x2a];
+        let numbering = Codec::Vp8.picture_numbering(&payload).unwrap();
+        assert_eq!(
+            numbering,
+            PictureNumbering {
+                picture_id: Some(PictureId {
+                    value: 0x1234,
+                    long: true
+                }),
+                tl0_pic_idx: Some(0x05),
+                key_idx: Some(9),
+            }
+        );
+        let renumbered = PictureNumbering {
+            picture_id: Some(PictureId {
+                value: 0x7ffe,
+                long: true,
+            }),
+            tl0_pic_idx: Some(0xff),
+            key_idx: Some(31),
+        };
+        Codec::Vp8.write_picture_numbering(&mut payload, &renumbered);
+        // TID and Y keep their bits; the frame that follows is untouched.
+        assert_eq!(
+            payload,
+            [0x90, 0xf0, 0xff, 0xfe, 0xff, 0x7f, 0x9d, 0x01, 0x2a]
+        );
+        assert_eq!(Codec::Vp8.picture_numbering(&payload), Some(renumbered));
+    }
+
+    #[test]
+    fn vp8_short_and_missing_fields() {
+        // 7-bit picture id 0x55, nothing else.
+        let mut payload = [0x90, 0x80, 0x55, 0x00];
+        let numbering = Codec::Vp8.picture_numbering(&payload).unwrap();
+        assert_eq!(
+            numbering.picture_id,
+            Some(PictureId {
+                value: 0x55,
+                long: false
+            })
+        );
+        assert_eq!(numbering.tl0_pic_idx, None);
+        let id = PictureId {
+            value: 0x7f,
+            long: false,
+        };
+        Codec::Vp8.write_picture_numbering(
+            &mut payload,
+            &PictureNumbering {
+                picture_id: Some(id),
+                tl0_pic_idx: Some(3),
+                key_idx: None,
+            },
+        );
+        assert_eq!(payload, [0x90, 0x80, 0x7f, 0x00]);
+        // No extension byte: no numbers. Truncated descriptors: none, and no panic.
+        assert_eq!(
+            Codec::Vp8.picture_numbering(&[0x10, 0x00]),
+            Some(PictureNumbering::default())
+        );
+        assert_eq!(Codec::Vp8.picture_numbering(&[0x90, 0xc0, 0x81]), None);
+        assert_eq!(Codec::Vp8.picture_numbering(&[0x90]), None);
+        assert_eq!(Codec::Vp8.picture_numbering(&[]), None);
+        assert_eq!(Codec::Opus.picture_numbering(&[0x90, 0x80, 0x55]), None);
+    }
+
+    #[test]
+    fn vp9_picture_numbers_in_non_flexible_mode() {
+        // I, L, B set (F=0): 15-bit picture id 0x0102, layer indices, TL0PICIDX 7.
+        let mut payload = [0xa8, 0x81, 0x02, 0x00, 0x07, 0xaa];
+        let numbering = Codec::Vp9.picture_numbering(&payload).unwrap();
+        assert_eq!(numbering.picture_id.map(|p| p.value), Some(0x0102));
+        assert_eq!(numbering.tl0_pic_idx, Some(7));
+        let renumbered = PictureNumbering {
+            picture_id: Some(PictureId {
+                value: 0x0300,
+                long: true,
+            }),
+            tl0_pic_idx: Some(8),
+            key_idx: None,
+        };
+        Codec::Vp9.write_picture_numbering(&mut payload, &renumbered);
+        assert_eq!(payload, [0xa8, 0x83, 0x00, 0x00, 0x08, 0xaa]);
+        // Flexible mode (F=1) has no TL0PICIDX.
+        let flexible = Codec::Vp9
+            .picture_numbering(&[0xb8, 0x05, 0x00, 0x01])
+            .unwrap();
+        assert_eq!(flexible.tl0_pic_idx, None);
+        assert_eq!(flexible.picture_id.map(|p| p.value), Some(5));
     }
 
     #[test]

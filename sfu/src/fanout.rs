@@ -357,6 +357,7 @@ impl Fanout {
             seq: packet.header.sequence_number,
             timestamp: packet.header.timestamp,
             keyframe_start,
+            numbering: self.codec.picture_numbering(&packet.payload),
         };
         let mut wants_keyframe = false;
         for s in &mut self.subscriptions {
@@ -374,7 +375,11 @@ impl Fanout {
                         s.forwarder.switch_source();
                     }
                     match s.forwarder.decide(&meta, now) {
-                        Decision::Forward { seq, timestamp } => {
+                        Decision::Forward {
+                            seq,
+                            timestamp,
+                            numbering,
+                        } => {
                             let Some(binding) = &s.binding else {
                                 self.metrics.dropped(DropReason::NotNegotiated);
                                 continue;
@@ -382,7 +387,12 @@ impl Fanout {
                             let size = 12 + packet.payload.len() as u64;
                             let rewritten = rtp::Packet {
                                 header: binding.rewrite(&packet.header, seq, timestamp),
-                                payload: packet.payload.clone(),
+                                payload: match numbering {
+                                    None => packet.payload.clone(),
+                                    Some(numbering) => {
+                                        self.codec.renumbered(&packet.payload, &numbering)
+                                    }
+                                },
                             };
                             match io.send_rtp(s.sink.conn, s.sink.sender, rewritten) {
                                 Offer::Accepted => {

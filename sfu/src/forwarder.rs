@@ -1,8 +1,9 @@
 //! The per-packet forwarding decision for one track to one subscriber: forward (with the
-//! rewritten sequence number and timestamp) or drop with a named reason. It is a plain value
+//! rewritten sequence number, timestamp and picture numbers) or drop with a named reason. It is a plain value
 //! with no IO and no clock of its own (time is an argument), so every rule is unit-tested with
 //! synthetic packets. Sending is someone else's job.
 
+use crate::codec::PictureNumbering;
 use std::time::Instant;
 
 /// Why a packet was not forwarded to a subscriber; each is counted in
@@ -60,6 +61,8 @@ pub struct PacketMeta {
     pub timestamp: u32,
     /// Whether the packet is the first packet of a keyframe.
     pub keyframe_start: bool,
+    /// The picture numbers in its payload descriptor (VP8, VP9), if any.
+    pub numbering: Option<PictureNumbering>,
 }
 
 /// The forwarding decision for one packet.
@@ -71,6 +74,9 @@ pub enum Decision {
         seq: u16,
         /// Timestamp in the subscriber's timeline.
         timestamp: u32,
+        /// Picture numbers to write into the payload, when they differ from the publisher's
+        /// (after a switch between simulcast layers); `None`: send the payload as it is.
+        numbering: Option<PictureNumbering>,
     },
     /// Do not send it.
     Drop(DropReason),
@@ -88,6 +94,7 @@ pub struct Forwarder {
     /// True until a keyframe arrives after the start, an unmute or a switch.
     awaiting_keyframe: bool,
     munger: Munger,
+    renumber: Renumber,
 }
 
 impl Forwarder {
@@ -99,6 +106,7 @@ impl Forwarder {
             muted: false,
             awaiting_keyframe: needs_keyframe,
             munger: Munger::new(clock_rate),
+            renumber: Renumber::default(),
         }
     }
 
@@ -131,6 +139,7 @@ impl Forwarder {
     /// restarted with a new SSRC): the numbering continues from the last forwarded packet.
     pub fn switch_source(&mut self) {
         self.munger.pause_new_source();
+        self.renumber.switch_source();
     }
 
     /// Whether this subscriber is blocked on a keyframe the publisher should be asked for.
@@ -157,7 +166,15 @@ impl Forwarder {
                 // Only a keyframe that is actually forwarded ends the wait (a stale copy of
                 // an old one does not).
                 self.awaiting_keyframe = false;
-                Decision::Forward { seq, timestamp }
+                let numbering = packet.numbering.and_then(|numbering| {
+                    let out = self.renumber.rewrite(numbering);
+                    (out != numbering).then_some(out)
+                });
+                Decision::Forward {
+                    seq,
+                    timestamp,
+                    numbering,
+                }
             }
             None => Decision::Drop(DropReason::Stale),
         }
@@ -300,9 +317,70 @@ impl Munger {
     }
 }
 
+/// Keeps a subscriber's picture numbers (PictureID, TL0PICIDX, KEYIDX) continuous across
+/// source switches, as the munger does for sequence numbers: the new source's numbers are
+/// shifted to continue from the last ones sent. Within one source they pass through with the
+/// same shift (their gaps are the publisher's, and mean the same to the subscriber).
+#[derive(Debug, Default)]
+struct Renumber {
+    /// The shifts are re-based on the next packet that carries numbers.
+    rebase: bool,
+    picture_id_shift: u16,
+    tl0_shift: u8,
+    key_idx_shift: u8,
+    /// The newest numbers sent (those of the newest picture).
+    last_out: Option<PictureNumbering>,
+}
+
+impl Renumber {
+    fn switch_source(&mut self) {
+        self.rebase = true;
+    }
+
+    fn rewrite(&mut self, input: PictureNumbering) -> PictureNumbering {
+        if std::mem::take(&mut self.rebase) {
+            if let Some(last) = self.last_out {
+                if let (Some(id), Some(last_id)) = (input.picture_id, last.picture_id) {
+                    let mask = id.modulus() - 1;
+                    let next = last_id.value.wrapping_add(1) & mask;
+                    self.picture_id_shift = id.value.wrapping_sub(next) & mask;
+                }
+                if let (Some(tl0), Some(last_tl0)) = (input.tl0_pic_idx, last.tl0_pic_idx) {
+                    self.tl0_shift = tl0.wrapping_sub(last_tl0.wrapping_add(1));
+                }
+                if let (Some(key_idx), Some(last_key_idx)) = (input.key_idx, last.key_idx) {
+                    self.key_idx_shift = key_idx.wrapping_sub(last_key_idx.wrapping_add(1)) & 0x1f;
+                }
+            }
+        }
+        let out = PictureNumbering {
+            picture_id: input.picture_id.map(|mut id| {
+                id.value = id.value.wrapping_sub(self.picture_id_shift) & (id.modulus() - 1);
+                id
+            }),
+            tl0_pic_idx: input.tl0_pic_idx.map(|t| t.wrapping_sub(self.tl0_shift)),
+            key_idx: input
+                .key_idx
+                .map(|k| k.wrapping_sub(self.key_idx_shift) & 0x1f),
+        };
+        let newest = match (out.picture_id, self.last_out.and_then(|l| l.picture_id)) {
+            (Some(id), Some(last)) => {
+                let ahead = id.value.wrapping_sub(last.value) & (id.modulus() - 1);
+                ahead < id.modulus() / 2
+            }
+            _ => true,
+        };
+        if newest {
+            self.last_out = Some(out);
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::PictureId;
     use std::time::Duration;
 
     fn pkt(seq: u16, timestamp: u32, keyframe_start: bool) -> PacketMeta {
@@ -310,14 +388,127 @@ mod tests {
             seq,
             timestamp,
             keyframe_start,
+            numbering: None,
         }
     }
 
     fn forwarded(d: Decision) -> (u16, u32) {
         match d {
-            Decision::Forward { seq, timestamp } => (seq, timestamp),
+            Decision::Forward { seq, timestamp, .. } => (seq, timestamp),
             Decision::Drop(r) => panic!("dropped: {r:?}"),
         }
+    }
+
+    /// A VP8 packet of picture `picture_id` (15 bits), base-layer index `tl0` and `key_idx`.
+    fn vp8(seq: u16, keyframe_start: bool, picture_id: u16, tl0: u8, key_idx: u8) -> PacketMeta {
+        PacketMeta {
+            numbering: Some(PictureNumbering {
+                picture_id: Some(PictureId {
+                    value: picture_id,
+                    long: true,
+                }),
+                tl0_pic_idx: Some(tl0),
+                key_idx: Some(key_idx),
+            }),
+            ..pkt(seq, u32::from(seq) * 3000, keyframe_start)
+        }
+    }
+
+    /// The picture numbers a forwarded packet goes out with: (PictureID, TL0PICIDX, KEYIDX).
+    fn numbers_sent(packet: &PacketMeta, decision: Decision) -> (u16, u8, u8) {
+        let Decision::Forward { numbering, .. } = decision else {
+            panic!("dropped: {decision:?}");
+        };
+        let n = numbering.or(packet.numbering).expect("a numbered packet");
+        (
+            n.picture_id.unwrap().value,
+            n.tl0_pic_idx.unwrap(),
+            n.key_idx.unwrap(),
+        )
+    }
+
+    #[test]
+    fn picture_numbers_pass_through_until_a_switch_then_continue() {
+        let mut f = Forwarder::new(true, 90_000);
+        f.set_negotiated();
+        let now = Instant::now();
+        // Layer A: pictures 30000.. on base-layer index 200, sent as they are.
+        let first = vp8(10, true, 30_000, 200, 4);
+        let decision = f.decide(&first, now);
+        assert!(matches!(
+            decision,
+            Decision::Forward {
+                numbering: None,
+                ..
+            }
+        ));
+        assert_eq!(numbers_sent(&first, decision), (30_000, 200, 4));
+        let next = vp8(11, false, 30_001, 201, 4);
+        assert_eq!(numbers_sent(&next, f.decide(&next, now)), (30_001, 201, 4));
+
+        // Switch to layer B, whose numbers are behind A's: they continue A's instead.
+        f.switch_source();
+        let key = vp8(5000, true, 100, 7, 30);
+        assert_eq!(numbers_sent(&key, f.decide(&key, now)), (30_002, 202, 5));
+        let delta = vp8(5001, false, 101, 7, 30);
+        assert_eq!(
+            numbers_sent(&delta, f.decide(&delta, now)),
+            (30_003, 202, 5)
+        );
+        // A reordered packet keeps the same shift, and does not count as the newest picture.
+        let ahead = vp8(5003, false, 102, 8, 30);
+        assert_eq!(
+            numbers_sent(&ahead, f.decide(&ahead, now)),
+            (30_004, 203, 5)
+        );
+        let late = vp8(5002, false, 101, 7, 30);
+        assert_eq!(numbers_sent(&late, f.decide(&late, now)), (30_003, 202, 5));
+        // A restart on the same source (a keyframe after loss) keeps the shift: B's own gap
+        // from picture 102 to 110 passes on as it is.
+        f.restart_on_keyframe();
+        let key2 = vp8(5010, true, 110, 9, 31);
+        assert_eq!(numbers_sent(&key2, f.decide(&key2, now)), (30_012, 204, 6));
+
+        // Back to A, far ahead now: numbering wraps past 2^15 and 2^8 and continues.
+        f.switch_source();
+        let back = vp8(12, true, 32_767, 255, 0);
+        assert_eq!(numbers_sent(&back, f.decide(&back, now)), (30_013, 205, 7));
+        let wrapped = vp8(13, false, 0, 0, 1);
+        assert_eq!(
+            numbers_sent(&wrapped, f.decide(&wrapped, now)),
+            (30_014, 206, 8)
+        );
+    }
+
+    #[test]
+    fn picture_numbers_wrap_at_their_width() {
+        let mut f = Forwarder::new(true, 90_000);
+        f.set_negotiated();
+        let now = Instant::now();
+        let short = |seq, keyframe_start, value| PacketMeta {
+            numbering: Some(PictureNumbering {
+                picture_id: Some(PictureId { value, long: false }),
+                ..PictureNumbering::default()
+            }),
+            ..pkt(seq, 0, keyframe_start)
+        };
+        let picture_id = |d: Decision, p: &PacketMeta| match d {
+            Decision::Forward { numbering, .. } => {
+                numbering.or(p.numbering).unwrap().picture_id.unwrap().value
+            }
+            Decision::Drop(r) => panic!("dropped: {r:?}"),
+        };
+        let p = short(1, true, 127);
+        assert_eq!(picture_id(f.decide(&p, now), &p), 127);
+        f.switch_source();
+        let p = short(900, true, 40);
+        assert_eq!(
+            picture_id(f.decide(&p, now), &p),
+            0,
+            "127 + 1 wraps to 0 in 7 bits"
+        );
+        let p = short(901, false, 41);
+        assert_eq!(picture_id(f.decide(&p, now), &p), 1);
     }
 
     #[test]

@@ -83,7 +83,7 @@ impl Run {
     /// Feeds one packet and records the decision.
     fn feed(&mut self, packet: PacketMeta) -> Decision {
         let decision = self.forwarder.decide(&packet, self.now);
-        if let Decision::Forward { seq, timestamp } = decision {
+        if let Decision::Forward { seq, timestamp, .. } = decision {
             self.forwarded.push((seq, timestamp));
         }
         decision
@@ -104,6 +104,7 @@ impl Run {
                     seq: self.seq,
                     timestamp: self.timestamp,
                     keyframe_start: keyframe,
+                    numbering: None,
                 };
                 let decision = self.feed(packet);
                 if self.muted {
@@ -230,7 +231,7 @@ proptest! {
                 forwarder.set_muted(false);
             }
             let seq = start_seq.wrapping_add(offset);
-            let packet = PacketMeta { seq, timestamp: u32::from(offset) * 960, keyframe_start: false };
+            let packet = PacketMeta { seq, timestamp: u32::from(offset) * 960, keyframe_start: false, numbering: None };
             if let Decision::Forward { seq: out_seq, .. } = forwarder.decide(&packet, now) {
                 prop_assert!(out.insert(out_seq), "out seq {} forwarded twice", out_seq);
                 forwarded_inputs.insert(seq);
