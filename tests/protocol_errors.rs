@@ -191,23 +191,27 @@ async fn bad_subscriber_answer_is_invalid_sdp_then_a_fresh_offer_follows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn media_setup_failure_is_internal_and_leaves_nothing_behind() {
-    // One media port: the second connection cannot get one.
-    let server = start_server(&["--udp-ports", "47811-47811"]).await;
+    // One media port for two media threads: each room goes to its own thread, and the second
+    // thread finds no port to bind.
+    let server = start_server(&["--udp-ports", "47811-47811", "--media-threads", "2"]).await;
     let url = ws_url(&server);
-    let first = HeadlessPeer::join(PeerConfig::new(&url, "ports", "first"))
+    let first = HeadlessPeer::join(PeerConfig::new(&url, "ports-a", "first"))
         .await
         .unwrap();
-    let second = HeadlessPeer::join(PeerConfig::new(&url, "ports", "second"))
+    assert!(
+        first.wait_for(WAIT, |s| s.publisher_answers > 0).await,
+        "the first room's media is set up"
+    );
+    let second = HeadlessPeer::join(PeerConfig::new(&url, "ports-b", "second"))
         .await
         .unwrap();
-    let internal = |p: &HeadlessPeer| p.state().has_error(ErrorCode::Internal);
     assert!(
         second
             .wait_for(WAIT, |s| s.has_error(ErrorCode::Internal))
-            .await
-            || internal(&first),
-        "one of two publishers could not get a port"
+            .await,
+        "the room on the thread without a port gets an internal error"
     );
+    assert!(!first.state().has_error(ErrorCode::Internal));
     first.disconnect().await;
     second.disconnect().await;
     assert!(wait_metric(&server, "sfu_participants", 0.0).await);

@@ -1,28 +1,25 @@
-//! One published track's fan-out: a task that owns the incoming track (all its simulcast
-//! layers) and, for each subscriber, its layer choice, forwarder and binding. Packets are
-//! decided and rewritten here without locks (the task owns all of it; changes arrive as
-//! commands), then offered to each subscriber's connection without waiting, so a slow
-//! subscriber loses its own packets and never stalls the others. Audio tracks also report
-//! their level for active-speaker detection.
+//! One published track's fan-out: its simulcast layers and, for each subscriber, its layer
+//! choice, forwarder and binding. It lives in the media loop that owns the publisher's and the
+//! subscribers' connections, which hands it each incoming packet; packets are decided and
+//! rewritten here without locks, then written to each subscriber's connection through
+//! [`MediaIo`], so a fan-out can be driven in tests with synthetic packets and no network.
+//! Audio tracks also report their level for active-speaker detection.
 
 use crate::codec::Codec;
 use crate::forwarder::{Decision, DropReason, Forwarder, PacketMeta};
 use crate::ids::ParticipantId;
+use crate::media_loop::{ConnKey, FanoutKey, LoopHandle};
 use crate::metrics::Metrics;
 use crate::rewrite::Binding;
 use crate::simulcast::{self, Layer, LayerSelector, LayerVerdict, Quality};
-use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use crate::transport::AUDIO_LEVEL_URI;
 use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
+use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
-use webrtc::media_stream::track_local::TrackLocal;
-use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
 /// At most one keyframe request per layer per this interval, however many subscribers ask.
 pub(crate) const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
@@ -31,46 +28,43 @@ const RESELECT_INTERVAL: Duration = Duration::from_millis(250);
 /// How often an audio track reports its level.
 const LEVEL_REPORT_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Where a subscriber's packets of this track go.
+/// Where a subscriber's packets of this track go: its connection and the sender there.
 pub(crate) struct DownTrackSink {
-    pub(crate) track: Arc<TrackLocalStaticRTP>,
+    pub(crate) conn: ConnKey,
+    pub(crate) sender: RTCRtpSenderId,
     /// RTP bytes handed to the subscriber's connection (all its tracks), so the SFU can
     /// compare the receiver's bandwidth estimate with what it is sent.
     pub(crate) sent_bytes: Arc<AtomicU64>,
 }
 
-/// What became of a packet offered to a subscriber's connection.
-enum Offer {
+/// Where the track comes from: the publisher's connection and its receiver there (keyframe
+/// requests go to it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PublisherSource {
+    pub(crate) conn: ConnKey,
+    pub(crate) receiver: RTCRtpReceiverId,
+}
+
+/// What became of a packet written to a subscriber's connection.
+pub(crate) enum Offer {
     Accepted,
-    /// The connection's queue is full (or its track is busy being rebound).
-    Congested,
-    /// The connection is gone or the track is not bound to it.
+    /// The connection is gone or the sender is not on it any more.
     Failed,
 }
 
-/// Hands `packet` to the subscriber connection's driver if that takes no waiting.
-///
-/// `write_rtp` only locks the track's context and pushes onto the connection's bounded
-/// event queue; a future dropped before completing has sent nothing. Polling it once here,
-/// instead of through a writer task per subscriber, saves a queue, a task and a wake-up
-/// per subscriber-packet (docs/benchmarks.md).
-fn offer(track: &TrackLocalStaticRTP, packet: rtp::Packet) -> Offer {
-    let mut write = track.write_rtp(packet);
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match write.as_mut().poll(&mut cx) {
-        Poll::Ready(Ok(())) => Offer::Accepted,
-        Poll::Ready(Err(e)) => {
-            tracing::trace!(error = %e, "write_rtp failed");
-            Offer::Failed
-        }
-        Poll::Pending => Offer::Congested,
-    }
+/// What a fan-out writes to: the media loop's connections.
+pub(crate) trait MediaIo {
+    /// Queues `packet` on the subscriber connection's sender (it goes out with the loop's next
+    /// flush of that connection).
+    fn send_rtp(&mut self, conn: ConnKey, sender: RTCRtpSenderId, packet: rtp::Packet) -> Offer;
+    /// Asks the publisher for a keyframe of the stream `media_ssrc` (PLI).
+    fn request_keyframe(&mut self, publisher: PublisherSource, media_ssrc: u32);
 }
 
 /// Receives an audio track's loudest level (−dBov) of each report interval.
 pub(crate) type LevelReporter = Box<dyn Fn(f32) + Send + Sync>;
 
-enum Command {
+pub(crate) enum FanoutCommand {
     AddSubscriber {
         subscriber: ParticipantId,
         sink: DownTrackSink,
@@ -90,50 +84,70 @@ enum Command {
         subscriber: ParticipantId,
         budget_bps: Option<u64>,
     },
+    SetLevelReporter(LevelReporter),
+    /// The track is gone: the loop forgets the fan-out.
+    Close,
 }
 
-/// Commands to a running fan-out; the task stops when every handle is dropped.
+/// Commands to a fan-out in its media loop. The fan-out lives until it is closed (by the
+/// publisher's participant, or with the publisher's connection).
 #[derive(Clone)]
 pub(crate) struct FanoutHandle {
-    commands: mpsc::UnboundedSender<Command>,
+    key: FanoutKey,
+    media: LoopHandle,
 }
 
 impl FanoutHandle {
+    pub(crate) fn new(key: FanoutKey, media: LoopHandle) -> Self {
+        Self { key, media }
+    }
+
+    fn send(&self, command: FanoutCommand) {
+        self.media.fanout(self.key, command);
+    }
+
+    /// Audio: where the track's level goes.
+    pub(crate) fn set_level_reporter(&self, reporter: LevelReporter) {
+        self.send(FanoutCommand::SetLevelReporter(reporter));
+    }
+
+    pub(crate) fn close(&self) {
+        self.send(FanoutCommand::Close);
+    }
+
     pub(crate) fn add_subscriber(&self, subscriber: ParticipantId, sink: DownTrackSink) {
-        let _ = self
-            .commands
-            .send(Command::AddSubscriber { subscriber, sink });
+        self.send(FanoutCommand::AddSubscriber { subscriber, sink });
     }
 
     pub(crate) fn bind(&self, subscriber: ParticipantId, binding: Binding) {
-        let _ = self.commands.send(Command::Bind {
+        self.send(FanoutCommand::Bind {
             subscriber,
             binding: Box::new(binding),
         });
     }
 
     pub(crate) fn remove_subscriber(&self, subscriber: ParticipantId) {
-        let _ = self.commands.send(Command::RemoveSubscriber(subscriber));
+        self.send(FanoutCommand::RemoveSubscriber(subscriber));
     }
 
     pub(crate) fn set_muted(&self, muted: bool) {
-        let _ = self.commands.send(Command::SetMuted(muted));
+        self.send(FanoutCommand::SetMuted(muted));
     }
 
     /// A subscriber's decoder needs a keyframe of the layer it receives.
     pub(crate) fn request_keyframe(&self, subscriber: ParticipantId) {
-        let _ = self.commands.send(Command::RequestKeyframe(subscriber));
+        self.send(FanoutCommand::RequestKeyframe(subscriber));
     }
 
     pub(crate) fn set_quality(&self, subscriber: ParticipantId, quality: Quality) {
-        let _ = self.commands.send(Command::SetQuality {
+        self.send(FanoutCommand::SetQuality {
             subscriber,
             quality,
         });
     }
 
     pub(crate) fn set_budget(&self, subscriber: ParticipantId, budget_bps: Option<u64>) {
-        let _ = self.commands.send(Command::SetBudget {
+        self.send(FanoutCommand::SetBudget {
             subscriber,
             budget_bps,
         });
@@ -142,15 +156,6 @@ impl FanoutHandle {
 
 /// The negotiated extensions of the publisher's receiver, `(id, uri)`.
 pub(crate) type ExtensionMap = Vec<(u16, String)>;
-
-/// What the fan-out needs to know about the incoming track.
-pub(crate) struct TrackSpec {
-    pub(crate) codec: Codec,
-    pub(crate) clock_rate: u32,
-    /// The publisher's id for the RFC 6464 audio level extension, for audio tracks.
-    pub(crate) audio_level_id: Option<u8>,
-    pub(crate) level_reporter: Option<LevelReporter>,
-}
 
 struct Subscription {
     id: ParticipantId,
@@ -165,16 +170,18 @@ struct Subscription {
 /// The loudest audio level (lowest −dBov) since the last report: speech comes in bursts,
 /// and an average over a window with a pause in it would hide a word.
 struct LevelMeter {
-    extension_id: u8,
     loudest: Option<u8>,
     next_report: Instant,
     reporter: LevelReporter,
 }
 
-struct Fanout {
-    track: Arc<dyn TrackRemote>,
+/// One published track's fan-out state.
+pub(crate) struct Fanout {
+    publisher: PublisherSource,
     codec: Codec,
     clock_rate: u32,
+    /// The publisher's id for the RFC 6464 audio level extension, for audio tracks.
+    audio_level_id: Option<u8>,
     metrics: Metrics,
     subscriptions: Vec<Subscription>,
     muted: bool,
@@ -184,65 +191,46 @@ struct Fanout {
     levels: Option<LevelMeter>,
 }
 
-/// Starts the fan-out of `track`.
-pub(crate) fn spawn(
-    track: Arc<dyn TrackRemote>,
-    spec: TrackSpec,
-    metrics: Metrics,
-) -> (FanoutHandle, JoinHandle<()>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let now = Instant::now();
-    let levels = match (spec.audio_level_id, spec.level_reporter) {
-        (Some(extension_id), Some(reporter)) => Some(LevelMeter {
-            extension_id,
-            loudest: None,
-            next_report: now + LEVEL_REPORT_INTERVAL,
-            reporter,
-        }),
-        _ => None,
-    };
-    let fanout = Fanout {
-        track,
-        codec: spec.codec,
-        clock_rate: spec.clock_rate,
-        metrics,
-        subscriptions: Vec::new(),
-        muted: false,
-        layers: Vec::new(),
-        last_keyframe_request: HashMap::new(),
-        next_reselect: now,
-        levels,
-    };
-    let task = tokio::spawn(fanout.run(rx));
-    (FanoutHandle { commands: tx }, task)
-}
-
 impl Fanout {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
-        let track = Arc::clone(&self.track);
-        loop {
-            tokio::select! {
-                command = commands.recv() => match command {
-                    Some(command) => self.handle(command).await,
-                    None => break,
-                },
-                event = track.poll() => match event {
-                    Some(TrackRemoteEvent::OnRtpPacket(packet)) => self.forward(packet).await,
-                    Some(TrackRemoteEvent::OnOpen(init)) => {
-                        self.layer_mut(init.ssrc, init.rid.clone());
-                        self.next_reselect = Instant::now();
-                    }
-                    Some(TrackRemoteEvent::OnEnded) | None => break,
-                    Some(_) => {}
-                },
-            }
+    /// The fan-out of a track arriving with `codec` and the publisher's header `extensions`.
+    pub(crate) fn new(
+        codec: &RTCRtpCodec,
+        extensions: &ExtensionMap,
+        publisher: PublisherSource,
+        metrics: Metrics,
+        now: Instant,
+    ) -> Self {
+        let audio_level_id = extensions
+            .iter()
+            .find(|(_, uri)| uri == AUDIO_LEVEL_URI)
+            .and_then(|(id, _)| u8::try_from(*id).ok());
+        Self {
+            publisher,
+            codec: Codec::from_mime(&codec.mime_type),
+            clock_rate: codec.clock_rate,
+            audio_level_id,
+            metrics,
+            subscriptions: Vec::new(),
+            muted: false,
+            layers: Vec::new(),
+            last_keyframe_request: HashMap::new(),
+            next_reselect: now,
+            levels: None,
         }
     }
 
-    async fn handle(&mut self, command: Command) {
-        let now = Instant::now();
+    /// A stream of the track started: simulcast layers name themselves by rid.
+    pub(crate) fn add_layer(&mut self, ssrc: u32, rid: Option<String>, now: Instant) {
+        let layer = self.layer_mut(ssrc, rid.clone());
+        if layer.rid.is_none() {
+            layer.rid = rid;
+        }
+        self.next_reselect = now;
+    }
+
+    pub(crate) fn handle(&mut self, command: FanoutCommand, now: Instant, io: &mut impl MediaIo) {
         match command {
-            Command::AddSubscriber { subscriber, sink } => {
+            FanoutCommand::AddSubscriber { subscriber, sink } => {
                 self.subscriptions.retain(|s| s.id != subscriber);
                 let mut forwarder = Forwarder::new(self.codec.needs_keyframe(), self.clock_rate);
                 forwarder.set_muted(self.muted);
@@ -257,7 +245,7 @@ impl Fanout {
                 });
                 self.next_reselect = now;
             }
-            Command::Bind {
+            FanoutCommand::Bind {
                 subscriber,
                 binding,
             } => {
@@ -267,31 +255,31 @@ impl Fanout {
                 }
                 // A new subscriber's decoder needs a keyframe to start.
                 self.reselect(now);
-                self.request_wanted_keyframes(now).await;
+                self.request_wanted_keyframes(now, io);
             }
-            Command::RemoveSubscriber(subscriber) => {
+            FanoutCommand::RemoveSubscriber(subscriber) => {
                 self.subscriptions.retain(|s| s.id != subscriber);
             }
-            Command::SetMuted(muted) => {
+            FanoutCommand::SetMuted(muted) => {
                 self.muted = muted;
                 for s in &mut self.subscriptions {
                     s.forwarder.set_muted(muted);
                 }
                 if !muted {
-                    self.request_wanted_keyframes(now).await;
+                    self.request_wanted_keyframes(now, io);
                 }
             }
-            Command::RequestKeyframe(subscriber) => {
+            FanoutCommand::RequestKeyframe(subscriber) => {
                 let ssrc = self
                     .subscriptions
                     .iter()
                     .find(|s| s.id == subscriber)
                     .and_then(|s| s.selector.current().or(s.selector.pending()));
                 if let Some(ssrc) = ssrc {
-                    self.request_keyframe(ssrc, now).await;
+                    self.request_keyframe(ssrc, now, io);
                 }
             }
-            Command::SetQuality {
+            FanoutCommand::SetQuality {
                 subscriber,
                 quality,
             } => {
@@ -299,9 +287,9 @@ impl Fanout {
                     s.quality = quality;
                 }
                 self.reselect(now);
-                self.request_wanted_keyframes(now).await;
+                self.request_wanted_keyframes(now, io);
             }
-            Command::SetBudget {
+            FanoutCommand::SetBudget {
                 subscriber,
                 budget_bps,
             } => {
@@ -310,6 +298,17 @@ impl Fanout {
                 }
                 self.reselect(now);
             }
+            FanoutCommand::SetLevelReporter(reporter) => {
+                if self.audio_level_id.is_some() {
+                    self.levels = Some(LevelMeter {
+                        loudest: None,
+                        next_report: now + LEVEL_REPORT_INTERVAL,
+                        reporter,
+                    });
+                }
+            }
+            // The loop removes the fan-out itself.
+            FanoutCommand::Close => {}
         }
     }
 
@@ -334,8 +333,8 @@ impl Fanout {
         }
     }
 
-    async fn forward(&mut self, packet: rtp::Packet) {
-        let now = Instant::now();
+    /// Decides, rewrites and writes one incoming packet for every subscriber.
+    pub(crate) fn forward(&mut self, packet: rtp::Packet, now: Instant, io: &mut impl MediaIo) {
         let ssrc = packet.header.ssrc;
         let needs_keyframe = self.codec.needs_keyframe();
         let keyframe_start = needs_keyframe && self.codec.is_keyframe_start(&packet.payload);
@@ -395,12 +394,9 @@ impl Fanout {
                                     }
                                 },
                             };
-                            match offer(&s.sink.track, rewritten) {
+                            match io.send_rtp(s.sink.conn, s.sink.sender, rewritten) {
                                 Offer::Accepted => {
                                     s.sink.sent_bytes.fetch_add(size, Ordering::Relaxed);
-                                }
-                                Offer::Congested => {
-                                    self.metrics.dropped(DropReason::SubscriberCongested)
                                 }
                                 Offer::Failed => self.metrics.dropped(DropReason::SubscriberGone),
                             }
@@ -412,19 +408,19 @@ impl Fanout {
             wants_keyframe |= s.forwarder.wants_keyframe() || s.selector.pending().is_some();
         }
         if wants_keyframe {
-            self.request_wanted_keyframes(now).await;
+            self.request_wanted_keyframes(now, io);
         }
     }
 
     fn meter_level(&mut self, packet: &rtp::Packet, now: Instant) {
-        let Some(meter) = &mut self.levels else {
+        let (Some(meter), Some(extension_id)) = (&mut self.levels, self.audio_level_id) else {
             return;
         };
         if let Some(level) = packet
             .header
             .extensions
             .iter()
-            .find(|e| e.id == meter.extension_id)
+            .find(|e| e.id == extension_id)
             .and_then(|e| e.payload.first())
         {
             let level = level & 0x7f;
@@ -441,7 +437,7 @@ impl Fanout {
     }
 
     /// Asks for a keyframe of every layer some subscriber is waiting on.
-    async fn request_wanted_keyframes(&mut self, now: Instant) {
+    fn request_wanted_keyframes(&mut self, now: Instant, io: &mut impl MediaIo) {
         if !self.codec.needs_keyframe() || self.muted {
             return;
         }
@@ -461,11 +457,11 @@ impl Fanout {
         wanted.sort_unstable();
         wanted.dedup();
         for ssrc in wanted {
-            self.request_keyframe(ssrc, now).await;
+            self.request_keyframe(ssrc, now, io);
         }
     }
 
-    async fn request_keyframe(&mut self, media_ssrc: u32, now: Instant) {
+    fn request_keyframe(&mut self, media_ssrc: u32, now: Instant, io: &mut impl MediaIo) {
         if !self.codec.needs_keyframe() {
             return;
         }
@@ -477,12 +473,6 @@ impl Fanout {
             return;
         }
         self.last_keyframe_request.insert(media_ssrc, now);
-        let pli = PictureLossIndication {
-            sender_ssrc: 0,
-            media_ssrc,
-        };
-        if let Err(e) = self.track.write_rtcp(vec![Box::new(pli)]).await {
-            tracing::debug!(error = %e, "keyframe request not sent");
-        }
+        io.request_keyframe(self.publisher, media_ssrc);
     }
 }

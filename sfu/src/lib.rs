@@ -14,6 +14,8 @@ pub mod simulcast;
 pub mod speakers;
 pub mod transport;
 
+mod arrival;
+mod media_loop;
 mod media_threads;
 mod participant;
 mod room;
@@ -135,7 +137,6 @@ impl Sfu {
             room_handle,
             events,
             Arc::clone(&self.inner.factory),
-            self.inner.metrics.clone(),
             self.inner.timeouts,
             commands_tx.clone(),
         );

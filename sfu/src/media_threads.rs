@@ -1,13 +1,14 @@
-//! The threads media runs on: each is one OS thread with a single-threaded tokio runtime, and
-//! each room lives on one of them with everything it owns (its participants' tasks, their
-//! peer connections' drivers, its fan-outs). A packet then crosses no thread on its way
-//! through the server: handing it from the fan-out to a connection's driver wakes a task on
-//! the same thread, where a work-stealing runtime would wake an idle worker to steal it
-//! (docs/benchmarks.md measured the difference). Rooms are spread over the threads, the
-//! emptiest first, so several rooms use several cores.
+//! The threads media runs on: each is one OS thread with a single-threaded tokio runtime and
+//! one media loop (`media_loop`: its socket, its peer connections, their fan-outs), and each
+//! room lives on one of them with everything it owns (its participants' tasks, their
+//! connections, its fan-outs). A packet then crosses no thread, task or lock on its way
+//! through the server. Rooms are spread over the threads, the emptiest first, so several
+//! rooms use several cores.
 
+use crate::media_loop::LoopHandle;
+use crate::transport::{PeerFactory, TransportError};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
@@ -15,6 +16,8 @@ use tokio::sync::oneshot;
 pub(crate) struct MediaThread {
     handle: Handle,
     rooms: AtomicUsize,
+    /// Started with the thread's first connection: that is when its port is bound.
+    media_loop: Mutex<Option<LoopHandle>>,
 }
 
 impl MediaThread {
@@ -25,6 +28,23 @@ impl MediaThread {
         F::Output: Send + 'static,
     {
         self.handle.spawn(future)
+    }
+
+    /// The thread's media loop, started (its sockets bound) on first use. A failed start is
+    /// not remembered: the next connection tries again.
+    pub(crate) fn media_loop(
+        &self,
+        factory: &Arc<PeerFactory>,
+    ) -> Result<LoopHandle, TransportError> {
+        let mut media_loop = self.media_loop.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(handle) = media_loop.as_ref() {
+            return Ok(handle.clone());
+        }
+        let handle = LoopHandle::start(Arc::clone(factory), |future| {
+            self.handle.spawn(future);
+        })?;
+        *media_loop = Some(handle.clone());
+        Ok(handle)
     }
 }
 
@@ -64,6 +84,7 @@ impl MediaThreads {
                 threads: vec![Arc::new(MediaThread {
                     handle,
                     rooms: AtomicUsize::new(0),
+                    media_loop: Mutex::new(None),
                 })],
                 _stop: Vec::new(),
             });
@@ -96,6 +117,7 @@ impl MediaThreads {
             threads.push(Arc::new(MediaThread {
                 handle,
                 rooms: AtomicUsize::new(0),
+                media_loop: Mutex::new(None),
             }));
             stop.push(stop_tx);
         }

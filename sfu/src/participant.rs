@@ -3,39 +3,32 @@
 //! tracks it publishes and the down-tracks it receives. A task owns all of it and takes
 //! commands from the session, the room and its connections' callbacks, in order.
 
-use crate::codec::Codec;
 use crate::events::{EndReason, EventSink, MediaKind, SfuEvent, TrackInfo};
-use crate::fanout::{self, DownTrackSink};
+use crate::fanout::{DownTrackSink, FanoutHandle};
 use crate::ids::{ParticipantId, TrackId};
-use crate::metrics::Metrics;
+use crate::media_loop::{ConnEvent, ConnKey, LoopHandle, RemoteTrack};
 use crate::rewrite::Binding;
 use crate::room::{MuteError, PublishedSection, RoomCommand, RoomHandle, TrackSource};
 use crate::sdp;
 use crate::simulcast::{DownlinkBudget, DownlinkGovernor, Quality};
-use crate::transport::{BuiltPeer, PeerFactory, PeerRole, PortLease, AUDIO_LEVEL_URI};
+use crate::transport::{PeerFactory, PeerRole};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::RTCIceCandidateInit;
+use rtc::peer_connection::RTCPeerConnection;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpParameters, RtpCodecKind,
 };
-use rtc::rtp_transceiver::RTCRtpTransceiverDirection;
+use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
-use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
-use webrtc::media_stream::track_remote::TrackRemote;
-use webrtc::peer_connection::{
-    PeerConnection, PeerConnectionEventHandler, RTCIceCandidateInit, RTCIceGatheringState,
-    RTCPeerConnectionState,
-};
-use webrtc::rtp_transceiver::{RtpSender, RtpTransceiver};
 
 /// An ICE candidate from the client, W3C `RTCIceCandidateInit` fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,7 +102,7 @@ pub(crate) enum ParticipantCommand {
     Unsubscribe {
         track_id: TrackId,
     },
-    RemoteTrack(Arc<dyn TrackRemote>),
+    RemoteTrack(RemoteTrack),
     PeerState {
         role: PeerRole,
         state: RTCPeerConnectionState,
@@ -138,40 +131,39 @@ pub(crate) enum ParticipantCommand {
     End(Option<EndReason>),
 }
 
-/// Forwards a connection's callbacks into the participant task.
-struct PeerEvents {
+/// Turns a connection's events into the participant task's commands.
+fn forward_events(
     role: PeerRole,
     commands: mpsc::UnboundedSender<ParticipantCommand>,
-    gathered: watch::Sender<bool>,
+) -> crate::media_loop::EventCallback {
+    Box::new(move |event| match event {
+        ConnEvent::State(state) => {
+            let _ = commands.send(ParticipantCommand::PeerState { role, state });
+        }
+        ConnEvent::Track(track) => {
+            if role == PeerRole::Publisher {
+                let _ = commands.send(ParticipantCommand::RemoteTrack(track));
+            } else {
+                track.fanout.close();
+            }
+        }
+        ConnEvent::Feedback(packets) => {
+            let feedback = feedback_of(&packets);
+            if let Some(bps) = feedback.estimate_bps {
+                let _ = commands.send(ParticipantCommand::Bandwidth { bps });
+            }
+            for ssrc in feedback.keyframe_ssrcs {
+                let _ = commands.send(ParticipantCommand::KeyframeRequest { ssrc });
+            }
+        }
+    })
 }
 
-#[async_trait::async_trait]
-impl PeerConnectionEventHandler for PeerEvents {
-    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
-        if state == RTCIceGatheringState::Complete {
-            let _ = self.gathered.send(true);
-        }
-    }
-
-    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
-        let _ = self.commands.send(ParticipantCommand::PeerState {
-            role: self.role,
-            state,
-        });
-    }
-
-    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
-        if self.role == PeerRole::Publisher {
-            let _ = self.commands.send(ParticipantCommand::RemoteTrack(track));
-        }
-    }
-}
-
-/// A connection and what the participant task tracks about it.
+/// A connection and what the participant task tracks about it. Dropping it closes the
+/// connection.
 struct Connection {
-    pc: Arc<dyn PeerConnection>,
-    _port: Option<PortLease>,
-    gathered: watch::Receiver<bool>,
+    key: ConnKey,
+    media: LoopHandle,
     /// Candidates that arrived before the remote description.
     early_candidates: Vec<CandidateInit>,
     has_remote_description: bool,
@@ -179,9 +171,22 @@ struct Connection {
     connected: bool,
     /// When the participant is removed unless this connection (re)connects.
     deadline: Option<Instant>,
+    /// Set once closed on purpose, so dropping does not close it again.
+    closed: bool,
 }
 
 impl Connection {
+    /// Runs `call` on the connection in its media loop.
+    async fn call<R: Send + 'static>(
+        &self,
+        call: impl FnOnce(&mut RTCPeerConnection, std::time::Instant) -> R + Send + 'static,
+    ) -> Result<R, MediaError> {
+        self.media
+            .call(self.key, call)
+            .await
+            .map_err(|_| MediaError::Internal("the media connection is gone".into()))
+    }
+
     async fn add_candidate(&mut self, candidate: CandidateInit) {
         if !self.has_remote_description {
             // Bounded: a client flooding candidates early cannot grow this without limit.
@@ -197,7 +202,7 @@ impl Connection {
             username_fragment: candidate.username_fragment,
             url: None,
         };
-        if let Err(e) = self.pc.add_ice_candidate(init).await {
+        if let Ok(Err(e)) = self.call(move |pc, _| pc.add_remote_candidate(init)).await {
             tracing::debug!(error = %e, "remote candidate not added");
         }
     }
@@ -209,44 +214,37 @@ impl Connection {
         }
     }
 
-    /// Applies our own offer or answer; returns it as sent, with host candidates in it.
-    async fn set_local(
-        &mut self,
-        description: RTCSessionDescription,
-    ) -> Result<String, MediaError> {
-        self.pc
-            .set_local_description(description)
-            .await
-            .map_err(|e| MediaError::Internal(format!("local description not applied: {e}")))?;
-        self.local_sdp().await
+    /// Closes the connection, telling the peer, and waits until the loop has forgotten it.
+    async fn close(mut self) {
+        self.closed = true;
+        self.media.close(self.key).await;
     }
+}
 
-    /// The local description once host candidates are in it.
-    async fn local_sdp(&mut self) -> Result<String, MediaError> {
-        let wait = self.gathered.wait_for(|done| *done);
-        let _ = tokio::time::timeout(Duration::from_secs(3), wait).await;
-        self.pc
-            .local_description()
-            .await
-            .map(|d| d.sdp)
-            .ok_or_else(|| MediaError::Internal("no local description".into()))
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if !self.closed {
+            self.media.close_soon(self.key);
+        }
     }
+}
+
+/// The local description as sent: with the host candidates the factory put in.
+fn local_sdp(pc: &RTCPeerConnection) -> Result<String, MediaError> {
+    pc.local_description()
+        .map(|d| d.sdp)
+        .ok_or_else(|| MediaError::Internal("no local description".into()))
 }
 
 /// A track this participant receives.
 struct DownTrack {
     source: TrackSource,
-    sender: Arc<dyn RtpSender>,
-    /// Set `inactive` when the track goes, so the next offer says so.
-    transceiver: Option<Arc<dyn RtpTransceiver>>,
-    local: Arc<TrackLocalStaticRTP>,
+    sender: RTCRtpSenderId,
     ssrc: u32,
     kind: MediaKind,
     /// The last bandwidth share sent to the fan-out, to send only real changes.
     budget_bps: Option<u64>,
     state: DownTrackState,
-    /// Watches the subscriber's keyframe requests once bound (a track's events only flow then).
-    rtcp_task: Option<JoinHandle<()>>,
 }
 
 /// How far a down-track is on its way to carrying media.
@@ -264,7 +262,7 @@ enum DownTrackState {
 
 /// A track this participant publishes, once media arrived.
 struct UpTrack {
-    task: JoinHandle<()>,
+    fanout: FanoutHandle,
 }
 
 /// Where the subscriber connection is in its offer/answer cycle.
@@ -286,7 +284,8 @@ pub(crate) struct ParticipantTask {
     room: RoomHandle,
     events: EventSink,
     factory: Arc<PeerFactory>,
-    metrics: Metrics,
+    /// The media loop of the room's thread, once a connection needed it.
+    media: Option<LoopHandle>,
     timeouts: ConnectionTimeouts,
     /// Handed to connection callbacks.
     commands_tx: mpsc::UnboundedSender<ParticipantCommand>,
@@ -314,7 +313,6 @@ impl ParticipantTask {
         room: RoomHandle,
         events: EventSink,
         factory: Arc<PeerFactory>,
-        metrics: Metrics,
         timeouts: ConnectionTimeouts,
         commands_tx: mpsc::UnboundedSender<ParticipantCommand>,
     ) -> Self {
@@ -323,7 +321,7 @@ impl ParticipantTask {
             room,
             events,
             factory,
-            metrics,
+            media: None,
             timeouts,
             commands_tx,
             publisher: None,
@@ -451,32 +449,45 @@ impl ParticipantTask {
     }
 
     async fn connection(&mut self, role: PeerRole) -> Result<&mut Connection, MediaError> {
-        let slot = match role {
-            PeerRole::Publisher => &mut self.publisher,
-            PeerRole::Subscriber => &mut self.subscriber,
+        let exists = match role {
+            PeerRole::Publisher => self.publisher.is_some(),
+            PeerRole::Subscriber => self.subscriber.is_some(),
         };
-        if slot.is_none() {
-            let (gathered_tx, gathered) = watch::channel(false);
-            let handler = Arc::new(PeerEvents {
-                role,
-                commands: self.commands_tx.clone(),
-                gathered: gathered_tx,
-            });
-            let BuiltPeer { pc, port } = self
-                .factory
-                .build(role, handler)
+        if !exists {
+            let media = match &self.media {
+                Some(media) => media.clone(),
+                None => {
+                    let media = self
+                        .room
+                        .media_thread()
+                        .media_loop(&self.factory)
+                        .map_err(|e| MediaError::Internal(e.to_string()))?;
+                    self.media = Some(media.clone());
+                    media
+                }
+            };
+            let key = media
+                .open(role, forward_events(role, self.commands_tx.clone()))
                 .await
                 .map_err(|e| MediaError::Internal(e.to_string()))?;
-            *slot = Some(Connection {
-                pc,
-                _port: port,
-                gathered,
+            let connection = Connection {
+                key,
+                media,
                 early_candidates: Vec::new(),
                 has_remote_description: false,
                 connected: false,
                 deadline: Some(Instant::now() + self.timeouts.connect),
-            });
+                closed: false,
+            };
+            match role {
+                PeerRole::Publisher => self.publisher = Some(connection),
+                PeerRole::Subscriber => self.subscriber = Some(connection),
+            }
         }
+        let slot = match role {
+            PeerRole::Publisher => &mut self.publisher,
+            PeerRole::Subscriber => &mut self.subscriber,
+        };
         Ok(slot.as_mut().expect("just created"))
     }
 
@@ -484,18 +495,21 @@ impl ParticipantTask {
         let offer = RTCSessionDescription::offer(sdp.clone())
             .map_err(|e| MediaError::InvalidSdp(format!("the offer is not valid SDP: {e}")))?;
         let connection = self.connection(PeerRole::Publisher).await?;
-        connection
-            .pc
-            .set_remote_description(offer)
-            .await
-            .map_err(|e| MediaError::InvalidSdp(format!("the offer could not be applied: {e}")))?;
+        let answer_sdp = connection
+            .call(move |pc, now| {
+                pc.set_remote_description(now, offer).map_err(|e| {
+                    MediaError::InvalidSdp(format!("the offer could not be applied: {e}"))
+                })?;
+                let answer = pc
+                    .create_answer(None)
+                    .map_err(|e| MediaError::InvalidSdp(format!("no answer to this offer: {e}")))?;
+                pc.set_local_description(now, answer).map_err(|e| {
+                    MediaError::Internal(format!("local description not applied: {e}"))
+                })?;
+                local_sdp(pc)
+            })
+            .await??;
         connection.remote_description_applied().await;
-        let answer = connection
-            .pc
-            .create_answer(None)
-            .await
-            .map_err(|e| MediaError::InvalidSdp(format!("no answer to this offer: {e}")))?;
-        let answer_sdp = connection.set_local(answer).await?;
 
         let sections: Vec<PublishedSection> = sdp::media_sections(&sdp)
             .into_iter()
@@ -517,82 +531,45 @@ impl ParticipantTask {
         let changes = changes.await.map_err(|_| MediaError::Gone)?;
         for track_id in &changes.removed {
             if let Some(up) = self.up_tracks.remove(track_id) {
-                up.task.abort();
+                up.fanout.close();
             }
         }
         self.published = changes.published.into_iter().collect();
         Ok(answer_sdp)
     }
 
-    async fn remote_track(&mut self, track: Arc<dyn TrackRemote>) {
-        let Some(publisher) = &self.publisher else {
-            return;
-        };
-        // The track's mid names which published track it is.
-        let mut found = None;
-        for transceiver in publisher.pc.get_transceivers().await {
-            let Ok(Some(receiver)) = transceiver.receiver().await else {
-                continue;
-            };
-            if std::ptr::addr_eq(Arc::as_ptr(receiver.track()), Arc::as_ptr(&track)) {
-                let mid = transceiver.mid().await.ok().flatten();
-                let extensions: fanout::ExtensionMap = receiver
-                    .get_parameters()
-                    .await
-                    .map(|p| {
-                        p.rtp_parameters
-                            .header_extensions
-                            .into_iter()
-                            .map(|e| (e.id, e.uri))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                found = Some((mid, extensions));
-                break;
-            }
-        }
-        let Some((Some(mid), publisher_extensions)) = found else {
+    async fn remote_track(&mut self, track: RemoteTrack) {
+        let RemoteTrack {
+            mid,
+            codec,
+            extensions: publisher_extensions,
+            fanout,
+        } = track;
+        let Some(mid) = mid else {
             tracing::warn!(participant = %self.id, "incoming track without a mid; ignored");
+            fanout.close();
             return;
         };
         let Some(track_id) = self.published.get(&mid).cloned() else {
             tracing::warn!(participant = %self.id, %mid, "media on an m-section that is not published");
+            fanout.close();
             return;
         };
-        let Some(ssrc) = track.ssrcs().await.first().copied() else {
-            return;
-        };
-        let Some(codec) = track.codec(ssrc).await else {
-            tracing::warn!(participant = %self.id, %mid, "incoming track without a codec");
-            return;
-        };
-        let codec_kind = Codec::from_mime(&codec.mime_type);
-        let audio_level_id = publisher_extensions
-            .iter()
-            .find(|(_, uri)| uri == AUDIO_LEVEL_URI)
-            .and_then(|(id, _)| u8::try_from(*id).ok());
-        let level_reporter: Option<fanout::LevelReporter> = audio_level_id.map(|_| {
-            let room = self.room.clone();
-            let participant_id = self.id.clone();
-            Box::new(move |level: f32| {
-                room.send(RoomCommand::AudioLevel {
-                    participant_id: participant_id.clone(),
-                    level,
-                });
-            }) as fanout::LevelReporter
-        });
-        let (fanout, task) = fanout::spawn(
-            track,
-            fanout::TrackSpec {
-                codec: codec_kind,
-                clock_rate: codec.clock_rate,
-                audio_level_id,
-                level_reporter,
+        let room = self.room.clone();
+        let participant_id = self.id.clone();
+        fanout.set_level_reporter(Box::new(move |level: f32| {
+            room.send(RoomCommand::AudioLevel {
+                participant_id: participant_id.clone(),
+                level,
+            });
+        }));
+        if let Some(old) = self.up_tracks.insert(
+            track_id.clone(),
+            UpTrack {
+                fanout: fanout.clone(),
             },
-            self.metrics.clone(),
-        );
-        if let Some(old) = self.up_tracks.insert(track_id.clone(), UpTrack { task }) {
-            old.task.abort();
+        ) {
+            old.fanout.close();
         }
         tracing::info!(participant = %self.id, track = %track_id, codec = %codec.mime_type, "media arrived");
         self.room.send(RoomCommand::MediaReady {
@@ -621,7 +598,7 @@ impl ParticipantTask {
             MediaKind::Audio => RtpCodecKind::Audio,
             MediaKind::Video => RtpCodecKind::Video,
         };
-        let local = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        let local = MediaStreamTrack::new(
             publisher.to_string(),
             track.track_id.to_string(),
             track.track_id.to_string(),
@@ -634,27 +611,24 @@ impl ParticipantTask {
                 codec: source.codec.clone(),
                 ..Default::default()
             }],
-        )));
+        );
         let sender = connection
-            .pc
-            .add_track(Arc::clone(&local) as Arc<dyn TrackLocal>)
-            .await
-            .map_err(|e| MediaError::Internal(format!("add_track: {e}")))?;
-        // The SFU only sends here: `sendonly` (add_track would leave it `sendrecv`).
-        let mut transceiver = None;
-        for t in connection.pc.get_transceivers().await {
-            if matches!(t.sender().await, Ok(Some(s)) if s.id() == sender.id()) {
-                if let Err(e) = t.set_direction(RTCRtpTransceiverDirection::Sendonly).await {
-                    tracing::debug!(error = %e, "set_direction(sendonly) failed");
+            .call(move |pc, _| {
+                let sender = pc.add_track(local)?;
+                // The SFU only sends here: `sendonly` (add_track would leave it `sendrecv`).
+                if let Some(mut transceiver) = pc.rtp_transceiver(sender.into()) {
+                    transceiver.set_direction(RTCRtpTransceiverDirection::Sendonly);
                 }
-                transceiver = Some(t);
-                break;
-            }
-        }
+                Ok::<_, rtc::shared::error::Error>(sender)
+            })
+            .await?
+            .map_err(|e| MediaError::Internal(format!("add_track: {e}")))?;
+        let conn = connection.key;
         source.fanout.add_subscriber(
             self.id.clone(),
             DownTrackSink {
-                track: Arc::clone(&local),
+                conn,
+                sender,
                 sent_bytes: Arc::clone(&self.sent_bytes),
             },
         );
@@ -666,13 +640,10 @@ impl ParticipantTask {
             DownTrack {
                 source,
                 sender,
-                transceiver,
-                local,
                 ssrc,
                 kind: track.kind,
                 budget_bps: None,
                 state: DownTrackState::Added,
-                rtcp_task: None,
             },
         );
         self.renegotiate().await;
@@ -685,17 +656,20 @@ impl ParticipantTask {
             return;
         };
         down.source.fanout.remove_subscriber(self.id.clone());
-        if let Some(task) = down.rtcp_task {
-            task.abort();
-        }
         if let Some(subscriber) = &self.subscriber {
-            if let Err(e) = subscriber.pc.remove_track(&down.sender).await {
+            let sender = down.sender;
+            let removed = subscriber
+                .call(move |pc, _| {
+                    pc.remove_track(sender)?;
+                    // Set `inactive`, so the next offer says the track is gone.
+                    if let Some(mut transceiver) = pc.rtp_transceiver(sender.into()) {
+                        transceiver.set_direction(RTCRtpTransceiverDirection::Inactive);
+                    }
+                    Ok::<_, rtc::shared::error::Error>(())
+                })
+                .await;
+            if let Ok(Err(e)) = removed {
                 tracing::debug!(error = %e, "remove_track failed");
-            }
-            if let Some(t) = &down.transceiver {
-                if let Err(e) = t.set_direction(RTCRtpTransceiverDirection::Inactive).await {
-                    tracing::debug!(error = %e, "set_direction(inactive) failed");
-                }
             }
         }
         self.renegotiate().await;
@@ -728,12 +702,17 @@ impl ParticipantTask {
         let Some(connection) = self.subscriber.as_mut() else {
             return Ok(());
         };
-        let offer = connection
-            .pc
-            .create_offer(None)
-            .await
-            .map_err(|e| MediaError::Internal(format!("create_offer: {e}")))?;
-        let sdp = connection.set_local(offer).await?;
+        let sdp = connection
+            .call(|pc, now| {
+                let offer = pc
+                    .create_offer(None)
+                    .map_err(|e| MediaError::Internal(format!("create_offer: {e}")))?;
+                pc.set_local_description(now, offer).map_err(|e| {
+                    MediaError::Internal(format!("local description not applied: {e}"))
+                })?;
+                local_sdp(pc)
+            })
+            .await??;
         self.negotiation = Negotiation::AwaitingAnswer { again: false };
         for down in self.down_tracks.values_mut() {
             if down.state == DownTrackState::Added {
@@ -752,11 +731,13 @@ impl ParticipantTask {
             return Err(MediaError::NoPendingOffer);
         };
         let applied = match RTCSessionDescription::answer(sdp) {
-            Ok(answer) => connection
-                .pc
-                .set_remote_description(answer)
+            Ok(answer) => match connection
+                .call(move |pc, now| pc.set_remote_description(now, answer))
                 .await
-                .map_err(|e| format!("the answer could not be applied: {e}")),
+            {
+                Ok(applied) => applied.map_err(|e| format!("the answer could not be applied: {e}")),
+                Err(e) => Err(e.to_string()),
+            },
             Err(e) => Err(format!("the answer is not valid SDP: {e}")),
         };
         if let Err(message) = applied {
@@ -785,18 +766,41 @@ impl ParticipantTask {
     /// the connection is up, because webrtc-rs silently drops what is written before SRTP
     /// has keys (and a dropped keyframe means a frozen start).
     async fn bind_down_tracks(&mut self) {
-        if !self.subscriber.as_ref().is_some_and(|c| c.connected) {
+        let Some(connection) = self.subscriber.as_ref().filter(|c| c.connected) else {
+            return;
+        };
+        let waiting: Vec<RTCRtpSenderId> = self
+            .down_tracks
+            .values()
+            .filter(|d| d.state == DownTrackState::Negotiated)
+            .map(|d| d.sender)
+            .collect();
+        if waiting.is_empty() {
             return;
         }
+        let Ok(negotiated) = connection
+            .call(move |pc, _| {
+                waiting
+                    .into_iter()
+                    .filter_map(|id| {
+                        let mut sender = pc.rtp_sender(id)?;
+                        Some((id, sender.get_parameters().rtp_parameters.clone()))
+                    })
+                    .collect::<HashMap<RTCRtpSenderId, RTCRtpParameters>>()
+            })
+            .await
+        else {
+            return;
+        };
         for down in self.down_tracks.values_mut() {
             if down.state != DownTrackState::Negotiated {
                 continue;
             }
-            let Ok(parameters) = down.sender.get_parameters().await else {
+            let Some(parameters) = negotiated.get(&down.sender) else {
                 continue;
             };
             let wanted = &down.source.codec;
-            let codecs = &parameters.rtp_parameters.codecs;
+            let codecs = &parameters.codecs;
             let codec = codecs
                 .iter()
                 .find(|c| {
@@ -817,7 +821,6 @@ impl ParticipantTask {
                 continue;
             };
             let subscriber_extensions: Vec<(u16, &str)> = parameters
-                .rtp_parameters
                 .header_extensions
                 .iter()
                 .map(|e| (e.id, e.uri.as_str()))
@@ -833,10 +836,6 @@ impl ParticipantTask {
             );
             down.source.fanout.bind(self.id.clone(), binding);
             down.state = DownTrackState::Bound;
-            down.rtcp_task = Some(tokio::spawn(watch_subscriber_feedback(
-                Arc::clone(&down.local),
-                self.commands_tx.clone(),
-            )));
         }
     }
 
@@ -906,18 +905,17 @@ impl ParticipantTask {
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     // The SRTP profile decides much of what a forwarded packet costs
                     // (docs/benchmarks.md): worth seeing per connection when debugging.
-                    let stats = connection
-                        .pc
-                        .get_stats(
-                            std::time::Instant::now(),
-                            rtc::statistics::StatsSelector::None,
-                        )
+                    let ciphers = connection
+                        .call(|pc, now| {
+                            let stats = pc.get_stats(now, rtc::statistics::StatsSelector::None);
+                            stats
+                                .transport()
+                                .map(|t| (t.srtp_cipher.clone(), t.dtls_cipher.clone()))
+                        })
                         .await;
-                    if let Some(transport) = stats.transport() {
+                    if let Ok(Some((srtp, dtls))) = ciphers {
                         tracing::debug!(
-                            participant = %self.id, ?role,
-                            srtp = %transport.srtp_cipher, dtls = %transport.dtls_cipher,
-                            "connection secured"
+                            participant = %self.id, ?role, %srtp, %dtls, "connection secured"
                         );
                     }
                 }
@@ -946,20 +944,15 @@ impl ParticipantTask {
         });
         for (_, down) in self.down_tracks.drain() {
             down.source.fanout.remove_subscriber(self.id.clone());
-            if let Some(task) = down.rtcp_task {
-                task.abort();
-            }
         }
         for (_, up) in self.up_tracks.drain() {
-            up.task.abort();
+            up.fanout.close();
         }
         for connection in [self.publisher.take(), self.subscriber.take()]
             .into_iter()
             .flatten()
         {
-            if let Err(e) = connection.pc.close().await {
-                tracing::debug!(error = %e, "close failed");
-            }
+            connection.close().await;
         }
         tracing::debug!(participant = %self.id, "media closed");
     }
@@ -999,31 +992,6 @@ fn feedback_of(packets: &[Box<dyn rtc::rtcp::Packet>]) -> Feedback {
         }
     }
     feedback
-}
-
-/// Turns a subscriber's keyframe requests (PLI/FIR) into requests to the publisher, and its
-/// bandwidth estimates (REMB) into layer budgets.
-async fn watch_subscriber_feedback(
-    track: Arc<TrackLocalStaticRTP>,
-    commands: mpsc::UnboundedSender<ParticipantCommand>,
-) {
-    while let Some(event) = track.poll().await {
-        let TrackLocalEvent::OnRtcpPacket(packets) = event else {
-            continue;
-        };
-        let feedback = feedback_of(&packets);
-        if let Some(bps) = feedback.estimate_bps {
-            let _ = commands.send(ParticipantCommand::Bandwidth { bps });
-        }
-        for ssrc in feedback.keyframe_ssrcs {
-            if commands
-                .send(ParticipantCommand::KeyframeRequest { ssrc })
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
-//! Media IO: how the SFU's peer connections are built (codecs, interceptors, ICE settings,
-//! which addresses and UDP ports they bind). Everything webrtc-rs specific about creating a
-//! connection lives here, so moving to a single UDP port or a sans-IO core later changes this
-//! module, not the room logic.
+//! How the SFU's peer connections are built (codecs, interceptors, ICE credentials and
+//! settings, host candidates) and how the media loops' sockets are bound (addresses, port
+//! range). Everything rtc-specific about creating a connection lives here; driving it is
+//! `media_loop`'s job.
 
 use crate::metrics::Metrics;
 use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
@@ -11,6 +11,8 @@ use rtc::peer_connection::configuration::interceptor_registry::{
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
@@ -24,7 +26,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use webrtc::peer_connection::{PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler};
 
 /// RFC 6464 audio level: kept on forwarded audio so receivers (and the SFU's active-speaker
 /// detection) see who is talking.
@@ -35,7 +36,8 @@ pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 pub struct MediaConfig {
     /// Addresses bound for media and advertised as host candidates.
     pub ice_ips: Vec<IpAddr>,
-    /// Inclusive UDP port range for media; `None` lets the OS pick.
+    /// Inclusive UDP port range for media: each media thread takes one port (for all of
+    /// `ice_ips`) when its first connection opens; `None` lets the OS pick.
     pub udp_ports: Option<(u16, u16)>,
     /// Whether subscribers' bandwidth estimates (REMB) cap the simulcast layers they get.
     /// Off, layers follow only what each subscriber asks for (`set_quality`).
@@ -45,15 +47,15 @@ pub struct MediaConfig {
 /// Errors building a peer connection.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    /// Every port of the configured range is in use.
+    /// Every port of the configured range is in use (each media thread takes one).
     #[error("no free UDP port left in the media port range")]
     NoFreePort,
-    /// webrtc-rs refused the configuration or could not bind.
+    /// rtc refused the configuration, or a media socket could not be bound.
     #[error("peer connection setup failed: {0}")]
     Setup(String),
 }
 
-/// Builds the SFU's peer connections.
+/// Builds the SFU's peer connections and binds the media loops' sockets.
 pub struct PeerFactory {
     config: MediaConfig,
     ports: Option<Arc<PortPool>>,
@@ -69,13 +71,38 @@ pub enum PeerRole {
     Subscriber,
 }
 
-/// A peer connection and the port it holds; the port returns to the pool on drop.
-pub struct BuiltPeer {
-    /// The connection.
-    pub pc: Arc<dyn PeerConnection>,
-    /// Held for as long as the connection lives.
-    pub port: Option<PortLease>,
+/// A connection's ICE username fragment and password. The media loop picks them, unique
+/// among its connections, so that a STUN check arriving from a new address names the
+/// connection it is for.
+pub(crate) struct IceCredentials {
+    pub(crate) ufrag: String,
+    pub(crate) password: String,
 }
+
+impl IceCredentials {
+    /// Fresh random credentials (RFC 8839 asks for at least 24 bits of randomness in the
+    /// ufrag and 128 in the password; these carry about 95 and 190).
+    pub(crate) fn random() -> Self {
+        use rand::Rng;
+        let text = |len: usize| -> String {
+            rand::rng()
+                .sample_iter(&rand::distr::Alphanumeric)
+                .take(len)
+                .map(char::from)
+                .collect()
+        };
+        Self {
+            ufrag: text(16),
+            password: text(32),
+        }
+    }
+}
+
+/// Receive and send buffer asked for on each media socket: one socket carries every
+/// connection of a media thread, and a burst of handshakes or a keyframe fanned out to
+/// hundreds of subscribers must not overflow it (docs/sans-io.md). The kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`.
+const MEDIA_SOCKET_BUFFER: usize = 16 << 20;
 
 impl PeerFactory {
     /// A factory for the given addresses and ports.
@@ -100,35 +127,64 @@ impl PeerFactory {
         self.config.bandwidth_adaptation
     }
 
-    /// Builds a connection bound to the configured addresses, on a port from the pool.
-    pub async fn build(
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Binds one media loop's sockets: one per advertised address, all on the same port (from
+    /// the configured range, else any free one), non-blocking.
+    pub(crate) fn bind_media_sockets(
         &self,
-        role: PeerRole,
-        handler: Arc<dyn PeerConnectionEventHandler>,
-    ) -> Result<BuiltPeer, TransportError> {
-        // A port may be taken by another process: try a few from the pool before giving up.
-        let attempts = if self.ports.is_some() { 8 } else { 1 };
-        let mut last_error = None;
+    ) -> Result<(Vec<std::net::UdpSocket>, Option<PortLease>), TransportError> {
+        if self.config.ice_ips.is_empty() {
+            return Err(TransportError::Setup("no address to bind media to".into()));
+        }
+        // A port may be taken by another process: try others before giving up.
+        let attempts = self
+            .ports
+            .as_ref()
+            .map_or(8, |pool| pool.available().max(1));
+        let mut last_error = TransportError::NoFreePort;
         for _ in 0..attempts {
             let lease = match &self.ports {
                 Some(pool) => Some(pool.acquire().ok_or(TransportError::NoFreePort)?),
                 None => None,
             };
-            let port = lease.as_ref().map_or(0, |l| l.port);
-            match self.try_build(role, handler.clone(), port).await {
-                Ok(pc) => return Ok(BuiltPeer { pc, port: lease }),
-                Err(e) => last_error = Some(e),
+            let mut port = lease.as_ref().map_or(0, |l| l.port);
+            let mut sockets = Vec::with_capacity(self.config.ice_ips.len());
+            let mut failed = None;
+            for ip in &self.config.ice_ips {
+                match bind_media_socket(SocketAddr::new(*ip, port)) {
+                    Ok(socket) => {
+                        if port == 0 {
+                            port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+                        }
+                        sockets.push(socket);
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => return Ok((sockets, lease)),
+                Some(e) => {
+                    last_error = TransportError::Setup(format!("media port {port} not bound: {e}"));
+                }
             }
         }
-        Err(last_error.unwrap_or(TransportError::NoFreePort))
+        Err(last_error)
     }
 
-    async fn try_build(
+    /// Builds a connection whose host candidates are the media loop's socket addresses.
+    pub(crate) fn build(
         &self,
         role: PeerRole,
-        handler: Arc<dyn PeerConnectionEventHandler>,
-        port: u16,
-    ) -> Result<Arc<dyn PeerConnection>, TransportError> {
+        credentials: IceCredentials,
+        local_addrs: &[SocketAddr],
+        now: Instant,
+    ) -> Result<RTCPeerConnection, TransportError> {
         let setup = |e: rtc::shared::error::Error| TransportError::Setup(e.to_string());
         let mut media_engine = MediaEngine::default();
         match role {
@@ -149,9 +205,9 @@ impl PeerFactory {
             .map_err(setup)?;
         let registry = interceptors(role, &mut media_engine, &self.metrics).map_err(setup)?;
 
-        let loopback = self.config.ice_ips.iter().any(IpAddr::is_loopback);
         let setting_engine = SettingEngineBuilder::new()
             .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+            .with_ice_credentials(credentials.ufrag, credentials.password)
             // Accept peer-reflexive pairs at once: a browser hiding behind an mDNS name (or
             // any client whose checks beat its trickled candidate) would otherwise wait 1 s.
             .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
@@ -159,30 +215,54 @@ impl PeerFactory {
             // As DTLS server when answering, the handshake starts on the client's first
             // flight instead of waiting for our next timer tick.
             .with_answering_dtls_role(rtc::peer_connection::transport::RTCDtlsRole::Server)
-            .with_include_loopback_candidate(loopback)
             // The default 200 ms check tick delays the first check and the DTLS hello; 20 ms
             // with the same overall budget connects in tens of milliseconds.
             .with_ice_connection_attempts(Some(Duration::from_millis(20)), Some(70))
             .build();
         let configuration = RTCConfigurationBuilder::new().build();
-        let addrs: Vec<SocketAddr> = self
-            .config
-            .ice_ips
-            .iter()
-            .map(|ip| SocketAddr::new(*ip, port))
-            .collect();
-        let pc = PeerConnectionBuilder::new()
+        let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(configuration)
             .with_media_engine(media_engine)
             .with_setting_engine(setting_engine)
             .with_interceptor_registry(registry)
-            .with_handler(handler)
-            .with_udp_addrs(addrs)
-            .build()
-            .await
+            .build(now)
             .map_err(setup)?;
-        Ok(Arc::new(pc))
+        for addr in local_addrs {
+            let candidate = CandidateHostConfig {
+                base_config: CandidateConfig {
+                    network: "udp".to_owned(),
+                    address: addr.ip().to_string(),
+                    port: addr.port(),
+                    component: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .new_candidate_host()
+            .map_err(setup)?;
+            let init = RTCIceCandidate::from(&candidate).to_json().map_err(setup)?;
+            pc.add_local_candidate(init).map_err(setup)?;
+        }
+        Ok(pc)
     }
+}
+
+fn bind_media_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // Best effort: the kernel caps these, and a smaller buffer still works.
+    let _ = socket.set_recv_buffer_size(MEDIA_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(MEDIA_SOCKET_BUFFER);
+    // Without kernel arrival times the read instant stands in (see `arrival`).
+    if let Err(e) = crate::arrival::enable(&socket) {
+        tracing::warn!(error = %e, "media socket without kernel arrival times");
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// The default codec set (same payload types and parameters as webrtc-rs's defaults, so a
@@ -507,7 +587,7 @@ impl Interceptor for SfuTap {
     }
 }
 
-/// The media port range; each peer connection leases one port for all its addresses.
+/// The media port range; each media loop leases one port for all its addresses.
 pub struct PortPool {
     free: Mutex<VecDeque<u16>>,
 }
