@@ -284,9 +284,13 @@ async fn decodes_within(
 /// decodes (loss, its repair, keyframes) and what the sender encodes, each twice a second apart.
 async fn frozen(error: impl std::fmt::Display, viewer: &Person, sender: &Person) -> String {
     let mut lines = vec![error.to_string()];
+    let entry = format!(
+        "sfuTest.stats().then(list => list.find(s => s.participant_id === {id} && \
+         s.kind === 'camera') ?? null)",
+        id = js(sender.id())
+    );
     for _ in 0..2 {
-        let condition = stats_entry(sender, "camera", 0).replace("s.framesDecoded > 0", "true");
-        lines.push(match viewer.page.eval(&condition).await {
+        lines.push(match viewer.page.eval(&entry).await {
             Ok(entry) => format!("{} receives {entry}", viewer.name()),
             Err(e) => format!("{}'s receive stats: {e}", viewer.name()),
         });
