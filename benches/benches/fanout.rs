@@ -123,17 +123,33 @@ fn record(group: &str, id: &str, elements: u64, allocations_per_element: Option<
     });
 }
 
-/// A path with `subscribers` subscribers that all started on a keyframe.
+/// Whether the measured subscribers have switched layers once (each then gets its own picture
+/// numbers, in a copy of every payload) or still receive the layer they started on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subscribers {
+    Started,
+    Switched,
+}
+
+/// A path with `subscribers` subscribers that all started on a keyframe (and, if `switched`,
+/// moved to another source on a second one).
 fn started_path(
     subscribers: usize,
     media: Media,
     profile: ProtectionProfile,
+    switched: Subscribers,
 ) -> (FanoutPath, SourceStream) {
     let mut stream = SourceStream::new(media);
     let mut path = FanoutPath::new(subscribers, media, profile);
     let start = stream.start_packet().clone();
     let started = path.forward(&start, Instant::now(), Stage::Protect);
     assert_eq!(started.packets, subscribers, "every subscriber starts");
+    if switched == Subscribers::Switched {
+        path.switch_source();
+        let start = stream.start_packet().clone();
+        let moved = path.forward(&start, Instant::now(), Stage::Protect);
+        assert_eq!(moved.packets, subscribers, "every subscriber switches");
+    }
     // Past the keyframe, so the measured packets are ordinary ones.
     path.forward(stream.next_packet(), Instant::now(), Stage::Protect);
     (path, stream)
@@ -159,11 +175,12 @@ fn bench_path<M: Measurement>(
     media: Media,
     profile: ProtectionProfile,
     stage: Stage,
+    switched: Subscribers,
 ) {
     let mut group = c.benchmark_group(group_name);
     for &subscribers in counts {
         group.throughput(Throughput::Elements(subscribers as u64));
-        let (mut path, mut stream) = started_path(subscribers, media, profile);
+        let (mut path, mut stream) = started_path(subscribers, media, profile, switched);
         let id = subscribers.to_string();
         group.bench_function(BenchmarkId::from_parameter(subscribers), |b| {
             let per = allocations_per_element(&mut path, &mut stream, stage);
@@ -184,6 +201,7 @@ fn fanout_benches<M: Measurement>(c: &mut Criterion<M>) {
             Media::Video,
             profile,
             Stage::Protect,
+            Subscribers::Started,
         );
     }
     let (_, browser_profile) = PROFILES[0];
@@ -199,6 +217,7 @@ fn fanout_benches<M: Measurement>(c: &mut Criterion<M>) {
             Media::Video,
             browser_profile,
             stage,
+            Subscribers::Started,
         );
     }
     bench_path(
@@ -208,6 +227,16 @@ fn fanout_benches<M: Measurement>(c: &mut Criterion<M>) {
         Media::Audio,
         browser_profile,
         Stage::Protect,
+        Subscribers::Started,
+    );
+    bench_path(
+        c,
+        "fanout_video_switched_aes128cm_sha1_80",
+        &[BREAKDOWN_SUBSCRIBERS],
+        Media::Video,
+        browser_profile,
+        Stage::Protect,
+        Subscribers::Switched,
     );
 }
 
@@ -345,7 +374,7 @@ fn print_summary(output: &std::path::Path, clock: &str) {
          same packet)"
     );
     println!(
-        "{:<36} {:>6} {:>12} {:>10} {:>14}",
+        "{:<40} {:>6} {:>12} {:>10} {:>14}",
         "bench", "N", "ns/sub-pkt", "ratio", "allocs/sub-pkt"
     );
     for r in &ran {
@@ -358,7 +387,7 @@ fn print_summary(output: &std::path::Path, clock: &str) {
             .map_or("-".to_owned(), |a| format!("{a:.2}"));
         let n = if r.group == "ceiling" { "-" } else { &r.id };
         println!(
-            "{:<36} {:>6} {:>12.1} {:>10} {:>14}",
+            "{:<40} {:>6} {:>12.1} {:>10} {:>14}",
             if r.group == "ceiling" {
                 &r.id
             } else {

@@ -240,6 +240,14 @@ impl FanoutPath {
         }
     }
 
+    /// Every subscriber's packets now come from another source (a simulcast layer switch):
+    /// from here on each gets its own picture numbers, so a copy of every payload.
+    pub fn switch_source(&mut self) {
+        for s in &mut self.subscribers {
+            s.forwarder.switch_source();
+        }
+    }
+
     /// Runs `stage` of the path for every subscriber (as `sfu::fanout` does on each packet:
     /// keyframe detection once, then the per-subscriber steps).
     pub fn forward(&mut self, packet: &Packet, now: Instant, stage: Stage) -> Forwarded {
