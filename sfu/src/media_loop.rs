@@ -767,20 +767,7 @@ impl MediaLoop {
                 else {
                     return;
                 };
-                let now = Instant::now();
-                let Some(slot) = self
-                    .fanouts
-                    .get_mut(fanout.index)
-                    .filter(|s| s.generation == fanout.generation)
-                else {
-                    return;
-                };
-                let mut io = LoopIo {
-                    conns: &mut self.conns,
-                    dirty: &mut self.dirty,
-                    now,
-                };
-                slot.fanout.forward(packet, now, &mut io);
+                self.drive_fanout(fanout, |fanout, now, io| fanout.forward(packet, now, io));
             }
             RTCMessage::RtcpPacket(_, packets) => {
                 if let Some(conn) = self.conn_mut(key) {
@@ -813,7 +800,11 @@ impl MediaLoop {
             self.remove_fanout(key);
             return;
         }
-        let now = Instant::now();
+        self.drive_fanout(key, |fanout, now, io| fanout.handle(command, now, io));
+    }
+
+    /// Runs `f` on fan-out `key` with what it writes to: this loop's connections.
+    fn drive_fanout(&mut self, key: FanoutKey, f: impl FnOnce(&mut Fanout, Instant, &mut LoopIo)) {
         let Some(slot) = self
             .fanouts
             .get_mut(key.index)
@@ -821,12 +812,13 @@ impl MediaLoop {
         else {
             return;
         };
+        let now = Instant::now();
         let mut io = LoopIo {
             conns: &mut self.conns,
             dirty: &mut self.dirty,
             now,
         };
-        slot.fanout.handle(command, now, &mut io);
+        f(&mut slot.fanout, now, &mut io);
     }
 
     fn remove_fanout(&mut self, key: FanoutKey) {
