@@ -123,12 +123,15 @@ fn record(group: &str, id: &str, elements: u64, allocations_per_element: Option<
     });
 }
 
-/// Whether the measured subscribers have switched layers once (each then gets its own picture
-/// numbers, in a copy of every payload) or still receive the layer they started on.
+/// Whether the measured subscribers still receive the layer they started on (they share the
+/// publisher's payload) or have switched layers, which gives them their own picture numbers
+/// in a copy of the payload: one copy per packet for all when they switched together, one
+/// each when they switched apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Subscribers {
     Started,
-    Switched,
+    SwitchedTogether,
+    SwitchedApart,
 }
 
 /// A path with `subscribers` subscribers that all started on a keyframe (and, if `switched`,
@@ -144,11 +147,23 @@ fn started_path(
     let start = stream.start_packet().clone();
     let started = path.forward(&start, Instant::now(), Stage::Protect);
     assert_eq!(started.packets, subscribers, "every subscriber starts");
-    if switched == Subscribers::Switched {
-        path.switch_source();
+    // Subscriber i switches i + 1 times (apart) or once (together); each switch moves its
+    // numbers one further from the publisher's, so apart they all differ.
+    let switches = |index: usize| match switched {
+        Subscribers::Started => 0,
+        Subscribers::SwitchedTogether => 1,
+        Subscribers::SwitchedApart => index + 1,
+    };
+    for round in 0..(0..subscribers).map(switches).max().unwrap_or(0) {
+        for index in (0..subscribers).filter(|&index| switches(index) > round) {
+            path.switch_source_of(index);
+        }
         let start = stream.start_packet().clone();
         let moved = path.forward(&start, Instant::now(), Stage::Protect);
-        assert_eq!(moved.packets, subscribers, "every subscriber switches");
+        assert_eq!(
+            moved.packets, subscribers,
+            "every subscriber forwards the keyframe"
+        );
     }
     // Past the keyframe, so the measured packets are ordinary ones.
     path.forward(stream.next_packet(), Instant::now(), Stage::Protect);
@@ -229,15 +244,20 @@ fn fanout_benches<M: Measurement>(c: &mut Criterion<M>) {
         Stage::Protect,
         Subscribers::Started,
     );
-    bench_path(
-        c,
-        "fanout_video_switched_aes128cm_sha1_80",
-        &[BREAKDOWN_SUBSCRIBERS],
-        Media::Video,
-        browser_profile,
-        Stage::Protect,
-        Subscribers::Switched,
-    );
+    for (label, switched) in [
+        ("together", Subscribers::SwitchedTogether),
+        ("apart", Subscribers::SwitchedApart),
+    ] {
+        bench_path(
+            c,
+            &format!("fanout_video_switched_{label}_aes128cm_sha1_80"),
+            &[BREAKDOWN_SUBSCRIBERS],
+            Media::Video,
+            browser_profile,
+            Stage::Protect,
+            switched,
+        );
+    }
 }
 
 /// The SRTP packet the video path produces, for the ceilings: same size on the wire.
@@ -374,7 +394,7 @@ fn print_summary(output: &std::path::Path, clock: &str) {
          same packet)"
     );
     println!(
-        "{:<40} {:>6} {:>12} {:>10} {:>14}",
+        "{:<46} {:>6} {:>12} {:>10} {:>14}",
         "bench", "N", "ns/sub-pkt", "ratio", "allocs/sub-pkt"
     );
     for r in &ran {
@@ -387,7 +407,7 @@ fn print_summary(output: &std::path::Path, clock: &str) {
             .map_or("-".to_owned(), |a| format!("{a:.2}"));
         let n = if r.group == "ceiling" { "-" } else { &r.id };
         println!(
-            "{:<40} {:>6} {:>12.1} {:>10} {:>14}",
+            "{:<46} {:>6} {:>12.1} {:>10} {:>14}",
             if r.group == "ceiling" {
                 &r.id
             } else {

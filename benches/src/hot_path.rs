@@ -13,7 +13,7 @@ use rtc::rtp::Packet;
 use rtc::shared::marshal::Marshal;
 use rtc::srtp::context::Context;
 use rtc::srtp::protection_profile::ProtectionProfile;
-use sfu::codec::{Codec, PictureNumbering};
+use sfu::codec::{Codec, RenumberedCopies};
 use sfu::forwarder::{Decision, Forwarder, PacketMeta};
 use sfu::rewrite::Binding;
 use sfu::transport::AUDIO_LEVEL_URI;
@@ -197,12 +197,33 @@ struct Subscriber {
     srtp: Context,
 }
 
-/// The payload a subscriber gets, as the server's fan-out builds it: shared, or a copy with the
-/// subscriber's own picture numbers after a layer switch.
-fn payload_for(codec: Codec, packet: &Packet, numbering: Option<&PictureNumbering>) -> Bytes {
-    match numbering {
-        None => packet.payload.clone(),
-        Some(numbering) => codec.renumbered(&packet.payload, numbering),
+impl Subscriber {
+    /// What `sfu::fanout` hands webrtc-rs for this subscriber: the decision, then the packet
+    /// with the rewritten header and the shared payload (or a copy with this subscriber's own
+    /// picture numbers, shared with the subscribers that have the same ones).
+    fn forwarded(
+        &mut self,
+        meta: &PacketMeta,
+        packet: &Packet,
+        now: Instant,
+        codec: Codec,
+        copies: &mut RenumberedCopies,
+    ) -> Option<Packet> {
+        let Decision::Forward {
+            seq,
+            timestamp,
+            numbering,
+        } = self.forwarder.decide(meta, now)
+        else {
+            return None;
+        };
+        Some(Packet {
+            header: self.binding.rewrite(&packet.header, seq, timestamp),
+            payload: match numbering {
+                None => packet.payload.clone(),
+                Some(numbering) => copies.get(codec, &packet.payload, &numbering),
+            },
+        })
     }
 }
 
@@ -210,6 +231,7 @@ fn payload_for(codec: Codec, packet: &Packet, numbering: Option<&PictureNumberin
 pub struct FanoutPath {
     codec: Codec,
     subscribers: Vec<Subscriber>,
+    copies: RenumberedCopies,
 }
 
 impl FanoutPath {
@@ -237,15 +259,14 @@ impl FanoutPath {
         Self {
             codec: media.codec(),
             subscribers,
+            copies: RenumberedCopies::default(),
         }
     }
 
-    /// Every subscriber's packets now come from another source (a simulcast layer switch):
-    /// from here on each gets its own picture numbers, so a copy of every payload.
-    pub fn switch_source(&mut self) {
-        for s in &mut self.subscribers {
-            s.forwarder.switch_source();
-        }
+    /// Subscriber `index`'s packets now come from another source (a simulcast layer switch):
+    /// from here on it gets its own picture numbers, in a copy of every payload.
+    pub fn switch_source_of(&mut self, index: usize) {
+        self.subscribers[index].forwarder.switch_source();
     }
 
     /// Runs `stage` of the path for every subscriber (as `sfu::fanout` does on each packet:
@@ -253,26 +274,24 @@ impl FanoutPath {
     pub fn forward(&mut self, packet: &Packet, now: Instant, stage: Stage) -> Forwarded {
         let mut out = Forwarded::default();
         match stage {
-            Stage::Decide | Stage::Rewrite => {
+            Stage::Decide => {
                 let meta = self.meta(packet);
                 for s in &mut self.subscribers {
-                    let Decision::Forward {
-                        seq,
-                        timestamp,
-                        numbering,
-                    } = s.forwarder.decide(&meta, now)
-                    else {
-                        continue;
-                    };
-                    out.packets += 1;
-                    if stage == Stage::Rewrite {
-                        let forwarded = Packet {
-                            header: s.binding.rewrite(&packet.header, seq, timestamp),
-                            payload: payload_for(self.codec, packet, numbering.as_ref()),
-                        };
+                    if matches!(s.forwarder.decide(&meta, now), Decision::Forward { .. }) {
+                        out.packets += 1;
+                    }
+                }
+            }
+            Stage::Rewrite => {
+                let meta = self.meta(packet);
+                for s in &mut self.subscribers {
+                    let forwarded = s.forwarded(&meta, packet, now, self.codec, &mut self.copies);
+                    if let Some(forwarded) = forwarded {
+                        out.packets += 1;
                         out.bytes += std::hint::black_box(&forwarded).header.extensions.len() + 12;
                     }
                 }
+                self.copies.clear();
             }
             Stage::Marshal | Stage::Protect => {
                 let protect = stage == Stage::Protect;
@@ -296,17 +315,9 @@ impl FanoutPath {
     ) {
         let meta = self.meta(packet);
         for (index, s) in self.subscribers.iter_mut().enumerate() {
-            let Decision::Forward {
-                seq,
-                timestamp,
-                numbering,
-            } = s.forwarder.decide(&meta, now)
+            let Some(forwarded) = s.forwarded(&meta, packet, now, self.codec, &mut self.copies)
             else {
                 continue;
-            };
-            let forwarded = Packet {
-                header: s.binding.rewrite(&packet.header, seq, timestamp),
-                payload: payload_for(self.codec, packet, numbering.as_ref()),
             };
             let plain = forwarded.marshal().expect("a rewritten header marshals");
             if protect {
@@ -319,6 +330,7 @@ impl FanoutPath {
                 sink(index, plain);
             }
         }
+        self.copies.clear();
     }
 
     fn meta(&self, packet: &Packet) -> PacketMeta {

@@ -62,14 +62,6 @@ impl Codec {
         Some(fields.read(payload))
     }
 
-    /// A copy of `payload` carrying a subscriber's own picture numbers. Only subscribers that
-    /// have switched layers need one; the others share the publisher's payload.
-    pub fn renumbered(self, payload: &Bytes, numbering: &PictureNumbering) -> Bytes {
-        let mut copy = BytesMut::from(&payload[..]);
-        self.write_picture_numbering(&mut copy, numbering);
-        copy.freeze()
-    }
-
     /// Writes `numbering` into `payload`, a payload of this codec whose descriptor carries the
     /// same fields (any it lacks are left alone).
     pub fn write_picture_numbering(self, payload: &mut [u8], numbering: &PictureNumbering) {
@@ -81,6 +73,42 @@ impl Codec {
         if let Some(fields) = fields {
             fields.write(payload, numbering);
         }
+    }
+}
+
+/// The payload copies one packet needs. Only subscribers that have switched layers need their
+/// own picture numbers (the others share the publisher's payload), and those that switched
+/// together (at the same keyframe, from the same layer) share the same numbers: one copy each
+/// distinct set, per packet.
+#[derive(Debug, Default)]
+pub struct RenumberedCopies {
+    copies: Vec<(PictureNumbering, Bytes)>,
+}
+
+/// How many distinct copies of one packet are kept for sharing. Subscribers that switched
+/// together form a few groups; beyond that each gets its own copy, so the search for a match
+/// stays short however many subscribers switched apart.
+const SHARED_COPIES: usize = 8;
+
+impl RenumberedCopies {
+    /// `payload` (of `codec`) carrying `numbering`: made on the first request this packet,
+    /// shared after.
+    pub fn get(&mut self, codec: Codec, payload: &Bytes, numbering: &PictureNumbering) -> Bytes {
+        if let Some((_, copy)) = self.copies.iter().find(|(n, _)| n == numbering) {
+            return copy.clone();
+        }
+        let mut copy = BytesMut::from(&payload[..]);
+        codec.write_picture_numbering(&mut copy, numbering);
+        let copy = copy.freeze();
+        if self.copies.len() < SHARED_COPIES {
+            self.copies.push((*numbering, copy.clone()));
+        }
+        copy
+    }
+
+    /// The packet is done: its copies go (the capacity stays).
+    pub fn clear(&mut self) {
+        self.copies.clear();
     }
 }
 
@@ -408,6 +436,30 @@ mod tests {
         assert_eq!(Codec::Vp8.picture_numbering(&[0x90]), None);
         assert_eq!(Codec::Vp8.picture_numbering(&[]), None);
         assert_eq!(Codec::Opus.picture_numbering(&[0x90, 0x80, 0x55]), None);
+    }
+
+    #[test]
+    fn subscribers_with_the_same_numbers_share_one_copy() {
+        let payload = Bytes::from_static(&[0x90, 0x80, 0x81, 0x00, 0x10]);
+        let numbering = |value| PictureNumbering {
+            picture_id: Some(PictureId { value, long: true }),
+            ..PictureNumbering::default()
+        };
+        let mut copies = RenumberedCopies::default();
+        let a = copies.get(Codec::Vp8, &payload, &numbering(7));
+        let b = copies.get(Codec::Vp8, &payload, &numbering(7));
+        let c = copies.get(Codec::Vp8, &payload, &numbering(9));
+        assert_eq!(&a[..], &[0x90, 0x80, 0x80, 0x07, 0x10]);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "the same numbers share one copy");
+        assert_eq!(&c[..], &[0x90, 0x80, 0x80, 0x09, 0x10]);
+        assert_eq!(
+            &payload[..],
+            &[0x90, 0x80, 0x81, 0x00, 0x10],
+            "the original is untouched"
+        );
+        copies.clear();
+        let d = copies.get(Codec::Vp8, &payload, &numbering(7));
+        assert_ne!(a.as_ptr(), d.as_ptr(), "each packet has its own copies");
     }
 
     #[test]

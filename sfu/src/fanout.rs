@@ -5,7 +5,7 @@
 //! [`MediaIo`], so a fan-out can be driven in tests with synthetic packets and no network.
 //! Audio tracks also report their level for active-speaker detection.
 
-use crate::codec::Codec;
+use crate::codec::{Codec, RenumberedCopies};
 use crate::forwarder::{Decision, DropReason, Forwarder, PacketMeta};
 use crate::ids::ParticipantId;
 use crate::media_loop::{ConnKey, FanoutKey, LoopHandle};
@@ -189,6 +189,8 @@ pub(crate) struct Fanout {
     last_keyframe_request: HashMap<u32, Instant>,
     next_reselect: Instant,
     levels: Option<LevelMeter>,
+    /// The current packet's payload copies for subscribers with their own picture numbers.
+    renumbered: RenumberedCopies,
 }
 
 impl Fanout {
@@ -216,6 +218,7 @@ impl Fanout {
             last_keyframe_request: HashMap::new(),
             next_reselect: now,
             levels: None,
+            renumbered: RenumberedCopies::default(),
         }
     }
 
@@ -390,7 +393,7 @@ impl Fanout {
                                 payload: match numbering {
                                     None => packet.payload.clone(),
                                     Some(numbering) => {
-                                        self.codec.renumbered(&packet.payload, &numbering)
+                                        self.renumbered.get(self.codec, &packet.payload, &numbering)
                                     }
                                 },
                             };
@@ -407,6 +410,7 @@ impl Fanout {
             }
             wants_keyframe |= s.forwarder.wants_keyframe() || s.selector.pending().is_some();
         }
+        self.renumbered.clear();
         if wants_keyframe {
             self.request_wanted_keyframes(now, io);
         }
