@@ -210,6 +210,34 @@ async fn two_rooms_of_three_pass_with_every_track() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulcast_subscribers_switching_all_the_time_see_clean_switches() {
+    let server = start_server(&[]).await;
+    let mut config = config(&server, 1, 1, 3);
+    config.duration = Duration::from_secs(3);
+    config.simulcast = true;
+    config.switch_every = Some(Duration::from_millis(400));
+    let report = run_load(config, std::future::pending(), |_| {}).await;
+    let text = report.to_text();
+    assert_clean_run(&report, 4);
+    let switches = report
+        .media
+        .simulcast
+        .clone()
+        .expect("a simulcast run reports switches");
+    // Three subscribers, one simulcast track each, a request per 400 ms over 3 s.
+    assert!(switches.quality_requests >= 3 * 6, "{text}");
+    assert!(switches.layer_switches >= 3 * 3, "{text}");
+    assert_eq!(switches.on_keyframe, switches.layer_switches, "{text}");
+    assert_eq!(
+        switches.pictures_continued, switches.layer_switches,
+        "{text}"
+    );
+    assert!(text.contains("layer switches"), "{text}");
+    assert_everyone_left(&server).await;
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_media_from_files_is_measured_from_rtp() {
     let server = start_server(&[]).await;
     let mut config = config(&server, 1, 2, 1);

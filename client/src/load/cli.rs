@@ -80,6 +80,15 @@ pub struct Args {
     /// address of this machine that reaches the server.
     #[arg(long, default_value = "127.0.0.1")]
     pub local_ip: std::net::IpAddr,
+    /// Publishers send their video as simulcast: three synthetic layers (320×180 at 150k,
+    /// 640×360 at 500k, 1280×720 at 1.5M) instead of one stream at --video-bitrate.
+    #[arg(long, conflicts_with = "video_bitrate")]
+    pub simulcast: bool,
+    /// With --simulcast: every this often (e.g. `2s`) each subscriber asks for another quality
+    /// of every simulcast track (high, low, medium, …), each subscriber a step apart from the
+    /// one before, and the report counts the layer switches receivers saw.
+    #[arg(long, value_parser = parse_duration, requires = "simulcast")]
+    pub switch_every: Option<Duration>,
 }
 
 /// `30s`, `2m`, `1h30m`, `500ms`; a bare number means seconds.
@@ -165,6 +174,18 @@ impl Args {
                     .into(),
             );
         }
+        if self.target == Target::Janus && self.simulcast {
+            return Err(
+                "--simulcast: the Janus rooms sfu-load creates carry no simulcast; run it \
+                 against our server"
+                    .into(),
+            );
+        }
+        if self.simulcast && self.media != "synthetic" {
+            return Err(
+                "--simulcast sends synthetic layers; it cannot publish --media files".into(),
+            );
+        }
         if self.target == Target::Janus && self.metrics_url.is_some() {
             return Err(
                 "--metrics-url: Janus has no /metrics of this kind; use --server-pid".into(),
@@ -196,7 +217,16 @@ impl Args {
             publishers: self.publishers as usize,
             subscribers: self.subscribers as usize,
             duration: self.duration,
-            video_bitrate_bps: self.video_bitrate,
+            // With simulcast each layer has its own rate; what a publisher should send, for the
+            // report's shortfall check, is their sum.
+            video_bitrate_bps: if self.simulcast {
+                crate::SimulcastLayer::three_layers()
+                    .iter()
+                    .map(|l| l.bitrate_bps)
+                    .sum()
+            } else {
+                self.video_bitrate
+            },
             audio: self.audio || self.audio_file.is_some(),
             join_rate: self.join_rate,
             media,
@@ -206,6 +236,8 @@ impl Args {
             join_timeout: self.join_timeout,
             local_ip: self.local_ip,
             auth_secret: self.auth_secret.clone(),
+            simulcast: self.simulcast,
+            switch_every: self.switch_every,
         })
     }
 }
@@ -324,5 +356,24 @@ mod tests {
             "1"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn simulcast_flags() {
+        let args = Args::parse_from(["sfu-load", "--simulcast", "--switch-every", "2s"]);
+        let config = args.to_config().unwrap();
+        assert!(config.simulcast);
+        assert_eq!(config.switch_every, Some(Duration::from_secs(2)));
+        // What a publisher should send is the layers' sum.
+        assert_eq!(config.video_bitrate_bps, 2_150_000);
+        // Switching needs layers; layers have their own rates; Janus rooms here have none.
+        assert!(Args::try_parse_from(["sfu-load", "--switch-every", "2s"]).is_err());
+        assert!(
+            Args::try_parse_from(["sfu-load", "--simulcast", "--video-bitrate", "1M"]).is_err()
+        );
+        let janus = Args::parse_from(["sfu-load", "--target", "janus", "--simulcast"]);
+        assert!(janus.to_config().unwrap_err().contains("--simulcast"));
+        let file = Args::parse_from(["sfu-load", "--simulcast", "--media", "clip.ivf"]);
+        assert!(file.to_config().unwrap_err().contains("--simulcast"));
     }
 }

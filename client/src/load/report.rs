@@ -91,6 +91,12 @@ pub struct ConfigSummary {
     pub media: String,
     /// The Ogg file published as audio, if any.
     pub audio_file: Option<String>,
+    /// Whether publishers sent simulcast (three synthetic layers).
+    #[serde(default)]
+    pub simulcast: bool,
+    /// How often subscribers changed the quality they ask for, seconds (`--switch-every`).
+    #[serde(default)]
+    pub switch_every_s: Option<f64>,
 }
 
 /// One peer as the run left it: the input to the report.
@@ -219,6 +225,8 @@ pub struct ReportInput<'a> {
     /// RTP packets all peers received while the full load was held (from the hold's start to
     /// `ended`), if it was held.
     pub packets_received_hold: Option<u64>,
+    /// `set_quality` requests subscribers sent (`--switch-every`).
+    pub quality_requests: u64,
     /// Server readings.
     pub server: ServerInput,
     /// Tester readings.
@@ -355,6 +363,24 @@ pub struct MediaSummary {
     pub jitter_ms: Option<JitterSummary>,
     /// One-way latency, ms (`None` without probes).
     pub latency_ms: Option<Percentiles>,
+    /// With simulcast: the layer switches receivers saw.
+    pub simulcast: Option<SimulcastSummary>,
+}
+
+/// Simulcast layer switches as the receivers saw them (from the probes, which name their
+/// layer): each must start on a keyframe and continue the stream, or a browser's decoder
+/// would stall.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SimulcastSummary {
+    /// `set_quality` requests the subscribers sent.
+    pub quality_requests: u64,
+    /// Switches from one layer to another in what receivers got.
+    pub layer_switches: u64,
+    /// Of those, starting on a keyframe.
+    pub on_keyframe: u64,
+    /// Of those, with the VP8 picture id continuing (the next number after the last one
+    /// received, give or take a picture lost on the way).
+    pub pictures_continued: u64,
 }
 
 /// The server's CPU and memory, from its `/metrics` or from `/proc/<pid>`.
@@ -519,10 +545,8 @@ pub fn percentiles(mut values: Vec<f64>) -> Option<Percentiles> {
 /// packets that should have arrived.
 pub fn track_loss(stats: &TrackStats, measurement: Measurement) -> (u64, u64) {
     match measurement {
-        Measurement::Probes => match (stats.probe_first, stats.probe_last) {
-            (Some(first), Some(last)) => (stats.probe_lost(), last - first + 1),
-            _ => (0, 0),
-        },
+        // Over every layer the track came from, not only the current one.
+        Measurement::Probes => (stats.probe_lost(), stats.probe_expected()),
         Measurement::Rtp => {
             let lost = stats.seq_missing.saturating_sub(stats.seq_late);
             let unique = stats.packets.saturating_sub(stats.seq_duplicates);
@@ -679,6 +703,10 @@ impl LoadReport {
         let (mut lost_total, mut packets_expected_total) = (0u64, 0u64);
         let mut receive_rates = Vec::new();
         let mut expected_rates = Vec::new();
+        let mut switches = SimulcastSummary {
+            quality_requests: input.quality_requests,
+            ..SimulcastSummary::default()
+        };
         let mut latency = LatencyHistogram::default();
         let (mut audio_jitter, mut video_jitter) = (Vec::new(), Vec::new());
         for record in input.peers {
@@ -763,6 +791,15 @@ impl LoadReport {
             let mut peer_latency = LatencyHistogram::default();
             let mut jitters = Vec::new();
             for s in &received {
+                for switch in &s.layer_switches {
+                    switches.layer_switches += 1;
+                    switches.on_keyframe += u64::from(switch.on_keyframe);
+                    // A step of 1, or a few when the last pictures of the old layer were lost.
+                    let continued = switch
+                        .picture_id_step
+                        .is_some_and(|step| (1..=3).contains(&step));
+                    switches.pictures_continued += u64::from(continued);
+                }
                 let (l, e) = track_loss(s, measurement);
                 lost += l;
                 packets += e;
@@ -854,6 +891,7 @@ impl LoadReport {
                 p99: latency.quantile_ms(0.99).unwrap_or(0.0),
                 max: latency.max_us().unwrap_or(0) as f64 / 1e3,
             }),
+            simulcast: input.config.simulcast.then_some(switches),
         };
 
         let mut server = summarize_server(&input.server, input.hold_started);
@@ -928,7 +966,19 @@ impl LoadReport {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let c = &self.config;
-        let media = if c.media == "synthetic" {
+        let media = if c.media == "synthetic" && c.simulcast {
+            let switching = c.switch_every_s.map_or(String::new(), |s| {
+                format!(", subscribers switching every {s} s")
+            });
+            let layers: Vec<String> = crate::SimulcastLayer::three_layers()
+                .iter()
+                .map(|l| fmt_bps(f64::from(l.bitrate_bps)))
+                .collect();
+            format!(
+                "synthetic VP8 simulcast ({}){switching}",
+                layers.join(" + ")
+            )
+        } else if c.media == "synthetic" {
             format!("synthetic VP8 {}", fmt_bps(f64::from(c.video_bitrate_bps)))
         } else {
             format!("VP8 from {}", c.media)
@@ -1004,17 +1054,34 @@ impl LoadReport {
         );
         let m = &self.media;
         let r = &m.receive_bitrate_bps;
+        // With simulcast a receiver gets one layer of what the publisher sends, whichever
+        // it asked for: there is no single rate to expect.
+        let expected = if c.simulcast {
+            "one layer per simulcast track".to_owned()
+        } else {
+            format!("expected {}", fmt_bps(r.expected_per_peer_mean))
+        };
         row(
             &mut out,
             "receive",
             format_args!(
-                "{} per peer (expected {}, lowest {}), {} in all",
+                "{} per peer ({expected}, lowest {}), {} in all",
                 fmt_bps(r.per_peer_mean),
-                fmt_bps(r.expected_per_peer_mean),
                 fmt_bps(r.per_peer_min),
                 fmt_bps(r.total)
             ),
         );
+        if let Some(sw) = &m.simulcast {
+            row(
+                &mut out,
+                "simulcast",
+                format_args!(
+                    "{} quality requests; receivers saw {} layer switches, {} on a keyframe, \
+                     {} with the picture numbering continued",
+                    sw.quality_requests, sw.layer_switches, sw.on_keyframe, sw.pictures_continued
+                ),
+            );
+        }
         row(
             &mut out,
             "send",
@@ -1356,6 +1423,13 @@ mod tests {
         };
         assert_eq!(track_loss(&probes, Measurement::Probes), (4, 200));
         assert_eq!(loss_pct(4, 200), 2.0);
+        // After simulcast switches: 120 counters spanned on earlier layers, 200 on this one.
+        let switched = TrackStats {
+            probe_expected_earlier: 120,
+            probe_unique: 310,
+            ..probes.clone()
+        };
+        assert_eq!(track_loss(&switched, Measurement::Probes), (10, 320));
         // 1000 packets arrived, 3 of them duplicates; 12 skipped, 2 of which came late.
         let rtp = TrackStats {
             packets: 1000,
@@ -1435,6 +1509,8 @@ mod tests {
                 join_rate: 10.0,
                 media: "synthetic".into(),
                 audio_file: None,
+                simulcast: false,
+                switch_every_s: None,
             },
             peers,
             tracks_per_publisher: 1,
@@ -1444,6 +1520,7 @@ mod tests {
             ended: end,
             interrupted: false,
             packets_received_hold: Some(900),
+            quality_requests: 0,
             server: ServerInput {
                 metrics_url: Some("http://127.0.0.1:1/metrics".into()),
                 pid: None,

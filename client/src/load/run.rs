@@ -23,6 +23,7 @@ use crate::janus::JanusRoomOptions;
 use crate::media_file::{IvfClip, OggOpusClip};
 use crate::stats::lock;
 use crate::PeerConfig;
+use signaling::protocol::Quality;
 
 /// How often live numbers are computed and `/metrics` is read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -83,6 +84,13 @@ pub struct LoadConfig {
     /// The local address peers bind for media (loopback for a server on this machine; an
     /// address that reaches the server otherwise).
     pub local_ip: std::net::IpAddr,
+    /// Publishers send their video as simulcast: three synthetic layers
+    /// (`SimulcastLayer::three_layers`) instead of one stream at `video_bitrate_bps`.
+    pub simulcast: bool,
+    /// With `simulcast`: every this often, each subscriber asks for another quality of every
+    /// simulcast track (high → low → medium → high…), each subscriber a step apart from the
+    /// one before, so switches happen all the time and never all at once.
+    pub switch_every: Option<Duration>,
 }
 
 impl LoadConfig {
@@ -106,6 +114,8 @@ impl LoadConfig {
             join_timeout: Duration::from_secs(10),
             auth_secret: None,
             local_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            simulcast: false,
+            switch_every: None,
         }
     }
 
@@ -179,6 +189,8 @@ impl LoadConfig {
             join_rate: self.join_rate,
             media,
             audio_file,
+            simulcast: self.simulcast,
+            switch_every_s: self.switch_every.map(|d| d.as_secs_f64()),
         }
     }
 }
@@ -298,6 +310,9 @@ fn peer_config(config: &LoadConfig, room_name: &str, slot: &Slot) -> PeerConfig 
     pc = pc
         .publish(true, config.publishes_audio())
         .video_bitrate(config.video_bitrate_bps);
+    if config.simulcast {
+        pc = pc.simulcast();
+    }
     if let LoadMedia::Files { video, audio } = &config.media {
         pc = pc.video_clip(Arc::clone(video));
         if let Some(audio) = audio {
@@ -416,6 +431,11 @@ pub async fn run_load(
     pacer.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut status_tick = tokio::time::interval(SAMPLE_INTERVAL);
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut switch_tick =
+        tokio::time::interval(config.switch_every.unwrap_or(Duration::from_secs(86_400)));
+    switch_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut switch_round = 0usize;
+    let mut quality_requests = 0u64;
     let mut last_totals = (Instant::now(), 0u64, 0u64);
     tokio::pin!(stop);
 
@@ -469,6 +489,10 @@ pub async fn run_load(
             }
             Some(result) = joins.join_next(), if !joins.is_empty() => {
                 settle_join(&mut slots, result);
+            }
+            _ = switch_tick.tick(), if config.switch_every.is_some() && hold_started.is_some() => {
+                quality_requests += switch_qualities(&slots, switch_round);
+                switch_round += 1;
             }
             _ = status_tick.tick() => {
                 let phase = match deadline {
@@ -581,6 +605,7 @@ pub async fn run_load(
         ended,
         interrupted,
         packets_received_hold,
+        quality_requests,
         server: ServerInput {
             metrics_url: match &probe {
                 Some(ServerProbe::Metrics(url)) => Some(url.clone()),
@@ -602,6 +627,22 @@ pub async fn run_load(
             machine: machine_at_hold.zip(machine_at_end),
         },
     })
+}
+
+/// The qualities subscribers cycle through with `--switch-every`.
+const SWITCH_CYCLE: [Quality; 3] = [Quality::High, Quality::Low, Quality::Medium];
+
+/// One round of quality changes: the n-th joined subscriber asks for step `round + n` of the
+/// cycle for every simulcast track it receives. Returns the requests sent.
+fn switch_qualities(slots: &[Slot], round: usize) -> u64 {
+    let subscribers = slots.iter().filter_map(|slot| match &slot.state {
+        SlotState::Joined { peer, .. } if slot.role == Role::Subscriber => Some(peer),
+        _ => None,
+    });
+    subscribers
+        .enumerate()
+        .map(|(n, peer)| peer.set_simulcast_quality(SWITCH_CYCLE[(round + n) % SWITCH_CYCLE.len()]))
+        .sum()
 }
 
 fn settle_join(

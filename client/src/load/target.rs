@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::janus::{JanusPeer, JanusRoomOptions};
 use crate::stats::{PeerStats, SentStats, TrackKey, TrackStats};
 use crate::{HeadlessPeer, PeerConfig, TrackKind};
+use signaling::protocol::Quality;
 
 /// The server under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
@@ -150,6 +151,26 @@ impl LoadPeer {
         match self {
             LoadPeer::Ours(p) => p.sent_stats(),
             LoadPeer::Janus(p) => p.sent_stats(),
+        }
+    }
+
+    /// Asks for `quality` of every simulcast video track this peer receives; returns the
+    /// requests sent (none on Janus, whose rooms here carry no simulcast).
+    pub fn set_simulcast_quality(&self, quality: Quality) -> u64 {
+        match self {
+            LoadPeer::Ours(p) => {
+                let tracks: Vec<String> = p.with_state(|s| {
+                    s.remote_tracks()
+                        .filter(|(_, t)| t.simulcast && t.kind == TrackKind::Video)
+                        .map(|(_, t)| t.track_id.clone())
+                        .collect()
+                });
+                tracks
+                    .iter()
+                    .filter(|track_id| p.set_quality(track_id, quality).is_ok())
+                    .count() as u64
+            }
+            LoadPeer::Janus(_) => 0,
         }
     }
 
