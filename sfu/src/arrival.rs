@@ -74,33 +74,52 @@ pub(crate) fn recv(
     })
 }
 
-/// The `SCM_TIMESTAMPNS` time among `control`'s messages (a `cmsghdr` of 64-bit Linux: length
-/// as usize, level and type as i32, then the data 8-byte aligned; the data a `timespec`).
+/// The `SCM_TIMESTAMPNS` time among `control`'s messages, walked with libc's `CMSG_*`
+/// helpers (the layout of a control message is the platform's business, not ours).
 fn kernel_time(control: &[u8]) -> Option<SystemTime> {
-    #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+    #[cfg(target_os = "linux")]
     {
-        const HEADER: usize = 16;
-        let mut at = 0;
-        while at + HEADER <= control.len() {
-            let len = usize::from_ne_bytes(control[at..at + 8].try_into().ok()?);
-            let level = i32::from_ne_bytes(control[at + 8..at + 12].try_into().ok()?);
-            let kind = i32::from_ne_bytes(control[at + 12..at + 16].try_into().ok()?);
-            if len < HEADER {
-                return None;
+        // An aligned copy: the helpers read `cmsghdr`s in place.
+        let mut aligned = [0u64; CONTROL_LEN / 8];
+        let len = control.len().min(CONTROL_LEN);
+        // SAFETY: `aligned` has CONTROL_LEN bytes and `len` is at most that.
+        unsafe {
+            std::ptr::copy_nonoverlapping(control.as_ptr(), aligned.as_mut_ptr().cast(), len);
+        }
+        // SAFETY: a zeroed msghdr is valid; only its control fields are set and read.
+        let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+        header.msg_control = aligned.as_mut_ptr().cast();
+        header.msg_controllen = len as _;
+        // SAFETY: the helpers stay within `msg_control..msg_control + msg_controllen`, and a
+        // message's data is read only when it lies within what was received and its length
+        // says it holds a whole `timespec`.
+        unsafe {
+            let mut message = libc::CMSG_FIRSTHDR(&header);
+            while !message.is_null() {
+                let m = &*message;
+                let offset = message as usize - aligned.as_ptr() as usize;
+                let within = offset + m.cmsg_len as usize <= len;
+                let holds_timespec = within
+                    && m.cmsg_len as usize
+                        >= libc::CMSG_LEN(std::mem::size_of::<libc::timespec>() as u32) as usize;
+                if m.cmsg_level == libc::SOL_SOCKET
+                    && m.cmsg_type == libc::SCM_TIMESTAMPNS
+                    && holds_timespec
+                {
+                    let at: libc::timespec =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(message).cast());
+                    let since_epoch = Duration::new(
+                        u64::try_from(at.tv_sec).ok()?,
+                        u32::try_from(at.tv_nsec).ok()?,
+                    );
+                    return UNIX_EPOCH.checked_add(since_epoch);
+                }
+                message = libc::CMSG_NXTHDR(&header, message);
             }
-            if level == libc::SOL_SOCKET && kind == libc::SCM_TIMESTAMPNS && len >= HEADER + 16 {
-                let data = control.get(at + HEADER..at + HEADER + 16)?;
-                let seconds = i64::from_ne_bytes(data[..8].try_into().ok()?);
-                let nanos = i64::from_ne_bytes(data[8..].try_into().ok()?);
-                let since_epoch =
-                    Duration::new(u64::try_from(seconds).ok()?, u32::try_from(nanos).ok()?);
-                return UNIX_EPOCH.checked_add(since_epoch);
-            }
-            at += len.div_ceil(8) * 8;
         }
         None
     }
-    #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+    #[cfg(not(target_os = "linux"))]
     {
         let _ = control;
         None
@@ -142,26 +161,61 @@ mod tests {
         );
     }
 
-    #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+    /// Control messages as the kernel lays them out: each `(level, type, data)` in turn.
+    #[cfg(target_os = "linux")]
+    fn control_messages(messages: &[(i32, i32, &[u8])]) -> Vec<u8> {
+        let mut buffer = [0u64; CONTROL_LEN / 8];
+        // SAFETY: a zeroed msghdr is valid; the helpers write within `buffer`, which has room
+        // for the messages the test gives (checked by the assertion).
+        unsafe {
+            let mut header: libc::msghdr = std::mem::zeroed();
+            header.msg_control = buffer.as_mut_ptr().cast();
+            let space: usize = messages
+                .iter()
+                .map(|(_, _, data)| libc::CMSG_SPACE(data.len() as u32) as usize)
+                .sum();
+            assert!(space <= CONTROL_LEN);
+            header.msg_controllen = space as _;
+            let mut message = libc::CMSG_FIRSTHDR(&header);
+            for (level, kind, data) in messages {
+                (*message).cmsg_level = *level;
+                (*message).cmsg_type = *kind;
+                (*message).cmsg_len = libc::CMSG_LEN(data.len() as u32) as _;
+                std::ptr::copy_nonoverlapping(data.as_ptr(), libc::CMSG_DATA(message), data.len());
+                message = libc::CMSG_NXTHDR(&header, message);
+            }
+            let bytes: &[u8] = std::slice::from_raw_parts(buffer.as_ptr().cast(), space);
+            bytes.to_vec()
+        }
+    }
+
+    #[cfg(target_os = "linux")]
     #[test]
     fn the_timestamp_is_found_among_control_messages() {
-        let mut control = Vec::new();
-        // Some other control message first (8-byte data), then the timestamp.
-        control.extend_from_slice(&20usize.to_ne_bytes());
-        control.extend_from_slice(&libc::IPPROTO_IP.to_ne_bytes());
-        control.extend_from_slice(&8i32.to_ne_bytes());
-        control.extend_from_slice(&[1, 2, 3, 4, 0, 0, 0, 0]);
-        control.extend_from_slice(&32usize.to_ne_bytes());
-        control.extend_from_slice(&libc::SOL_SOCKET.to_ne_bytes());
-        control.extend_from_slice(&libc::SCM_TIMESTAMPNS.to_ne_bytes());
-        control.extend_from_slice(&1_700_000_000i64.to_ne_bytes());
-        control.extend_from_slice(&250_000_000i64.to_ne_bytes());
+        let time = libc::timespec {
+            tv_sec: 1_700_000_000,
+            tv_nsec: 250_000_000,
+        };
+        // SAFETY: viewing a plain C struct as its bytes.
+        let time_bytes: &[u8] = unsafe {
+            std::slice::from_raw_parts(
+                (&time as *const libc::timespec).cast(),
+                std::mem::size_of::<libc::timespec>(),
+            )
+        };
+        let control = control_messages(&[
+            (libc::IPPROTO_IP, libc::IP_TOS, &[1, 2, 3, 4]),
+            (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS, time_bytes),
+        ]);
         assert_eq!(
             kernel_time(&control),
             Some(UNIX_EPOCH + Duration::new(1_700_000_000, 250_000_000))
         );
-        assert_eq!(kernel_time(&control[..24]), None);
-        assert_eq!(kernel_time(&[0; 16]), None);
+        // Cut short, or without the timestamp: none.
+        assert_eq!(kernel_time(&control[..control.len() - 8]), None);
+        let other = control_messages(&[(libc::IPPROTO_IP, libc::IP_TOS, &[1, 2, 3, 4])]);
+        assert_eq!(kernel_time(&other), None);
+        assert_eq!(kernel_time(&[]), None);
     }
 
     #[tokio::test]
