@@ -1,7 +1,7 @@
 //! The per-packet forwarding decision for one track to one subscriber: forward (with the
-//! rewritten sequence number, timestamp and picture numbers) or drop with a named reason. It is a plain value
-//! with no IO and no clock of its own (time is an argument), so every rule is unit-tested with
-//! synthetic packets. Sending is someone else's job.
+//! rewritten sequence number, timestamp and picture numbers) or drop with a named reason. It
+//! is a plain value with no IO and no clock of its own (time is an argument), so every rule is
+//! unit-tested with synthetic packets. Sending is someone else's job.
 
 use crate::codec::PictureNumbering;
 use std::time::Instant;
