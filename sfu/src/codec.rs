@@ -147,13 +147,19 @@ impl PictureId {
     }
 }
 
-/// Where a descriptor keeps its picture numbers: byte offsets into the payload.
+/// The layout of a payload descriptor: where it keeps its picture numbers (byte offsets into
+/// the payload), and where it ends. Each codec's descriptor is walked once, here, for the
+/// keyframe checks and the picture numbers alike.
 #[derive(Debug, Clone, Copy, Default)]
 struct NumberingFields {
     /// Offset of the PictureID and whether it takes two bytes.
     picture_id: Option<(usize, bool)>,
     tl0_pic_idx: Option<usize>,
     key_idx: Option<usize>,
+    /// VP9: offset of the layer indices byte.
+    layer_indices: Option<usize>,
+    /// Offset of the first byte after the descriptor.
+    end: usize,
 }
 
 impl NumberingFields {
@@ -193,7 +199,10 @@ impl NumberingFields {
 
 /// RFC 7741 §4.2: X, then I (PictureID, M for 15 bits), L (TL0PICIDX), T/K (TID|Y|KEYIDX).
 fn vp8_numbering_fields(payload: &[u8]) -> Option<NumberingFields> {
-    let mut fields = NumberingFields::default();
+    let mut fields = NumberingFields {
+        end: 1,
+        ..NumberingFields::default()
+    };
     if payload.first()? & 0x80 == 0 {
         return Some(fields);
     }
@@ -214,6 +223,7 @@ fn vp8_numbering_fields(payload: &[u8]) -> Option<NumberingFields> {
         }
         offset += 1;
     }
+    fields.end = offset;
     // Every field read or written lies inside the payload.
     (offset <= payload.len()).then_some(fields)
 }
@@ -232,12 +242,14 @@ fn vp9_numbering_fields(payload: &[u8]) -> Option<NumberingFields> {
     let layer_indices = first & 0x20 != 0;
     let flexible = first & 0x10 != 0;
     if layer_indices {
+        fields.layer_indices = Some(offset);
         offset += 1;
         if !flexible {
             fields.tl0_pic_idx = Some(offset);
             offset += 1;
         }
     }
+    fields.end = offset;
     (offset <= payload.len()).then_some(fields)
 }
 
@@ -247,33 +259,14 @@ fn vp8_keyframe_start(payload: &[u8]) -> bool {
     let Some(&first) = payload.first() else {
         return false;
     };
-    let extended = first & 0x80 != 0;
     let start_of_partition = first & 0x10 != 0;
     let partition_id = first & 0x07;
     if !start_of_partition || partition_id != 0 {
         return false;
     }
-    let mut offset = 1;
-    if extended {
-        let Some(&ext) = payload.get(offset) else {
-            return false;
-        };
-        offset += 1;
-        if ext & 0x80 != 0 {
-            // PictureID: 7 or 15 bits.
-            let Some(&pid) = payload.get(offset) else {
-                return false;
-            };
-            offset += if pid & 0x80 != 0 { 2 } else { 1 };
-        }
-        if ext & 0x40 != 0 {
-            offset += 1; // TL0PICIDX
-        }
-        if ext & 0x30 != 0 {
-            offset += 1; // TID/Y/KEYIDX
-        }
-    }
-    payload.get(offset).is_some_and(|tag| tag & 0x01 == 0)
+    vp8_numbering_fields(payload)
+        .and_then(|fields| payload.get(fields.end))
+        .is_some_and(|tag| tag & 0x01 == 0)
 }
 
 /// VP9 payload descriptor (draft-ietf-payload-vp9): P=0 (not inter-predicted) on the first
@@ -287,20 +280,13 @@ fn vp9_keyframe_start(payload: &[u8]) -> bool {
     if inter_picture || !begins_frame {
         return false;
     }
-    let has_layer_indices = first & 0x20 != 0;
-    if !has_layer_indices {
-        return true;
-    }
-    let picture_id_present = first & 0x80 != 0;
-    let mut offset = 1;
-    if picture_id_present {
-        let Some(&pid) = payload.get(offset) else {
-            return false;
-        };
-        offset += if pid & 0x80 != 0 { 2 } else { 1 };
-    }
+    let Some(fields) = vp9_numbering_fields(payload) else {
+        return false;
+    };
     // Spatial id is bits 1..3 of the layer-indices byte; only the base layer starts a picture.
-    payload.get(offset).is_some_and(|l| (l >> 1) & 0x07 == 0)
+    fields
+        .layer_indices
+        .is_none_or(|at| (payload[at] >> 1) & 0x07 == 0)
 }
 
 /// RFC 6184: an IDR slice (NAL type 5) or SPS (7), alone, in a STAP-A, or starting a FU-A.
@@ -493,9 +479,11 @@ mod tests {
         assert!(Codec::Vp9.is_keyframe_start(&[0x08, 0x00]));
         // VP9: P=1 → inter frame.
         assert!(!Codec::Vp9.is_keyframe_start(&[0x48, 0x00]));
-        // VP9 with I (7-bit pid) and L, spatial id 1 → not a picture start we can switch on.
-        assert!(!Codec::Vp9.is_keyframe_start(&[0xa8, 0x01, 0x02]));
-        assert!(Codec::Vp9.is_keyframe_start(&[0xa8, 0x01, 0x00]));
+        // VP9 with I (7-bit pid) and L (then TL0PICIDX), spatial id 1 → not a picture start we
+        // can switch on; spatial id 0 → one; a descriptor cut short → none.
+        assert!(!Codec::Vp9.is_keyframe_start(&[0xa8, 0x01, 0x02, 0x05]));
+        assert!(Codec::Vp9.is_keyframe_start(&[0xa8, 0x01, 0x00, 0x05]));
+        assert!(!Codec::Vp9.is_keyframe_start(&[0xa8, 0x01, 0x00]));
         // H264: a single IDR NAL, an SPS in a STAP-A, an FU-A start of IDR, a P slice.
         assert!(Codec::H264.is_keyframe_start(&[0x65, 0x88]));
         assert!(Codec::H264.is_keyframe_start(&[0x78, 0x00, 0x02, 0x67, 0x42, 0x00, 0x01, 0x68]));
