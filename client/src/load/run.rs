@@ -431,9 +431,11 @@ pub async fn run_load(
     pacer.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut status_tick = tokio::time::interval(SAMPLE_INTERVAL);
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut switch_tick =
-        tokio::time::interval(config.switch_every.unwrap_or(Duration::from_secs(86_400)));
-    switch_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut switch_tick = config.switch_every.map(|every| {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tick
+    });
     let mut switch_round = 0usize;
     let mut quality_requests = 0u64;
     let mut last_totals = (Instant::now(), 0u64, 0u64);
@@ -490,7 +492,9 @@ pub async fn run_load(
             Some(result) = joins.join_next(), if !joins.is_empty() => {
                 settle_join(&mut slots, result);
             }
-            _ = switch_tick.tick(), if config.switch_every.is_some() && hold_started.is_some() => {
+            // Evaluated only when the guard holds (`select!`), so the tick is there.
+            _ = async { switch_tick.as_mut().expect("guarded").tick().await },
+                if switch_tick.is_some() && hold_started.is_some() => {
                 quality_requests += switch_qualities(&slots, switch_round);
                 switch_round += 1;
             }
